@@ -84,9 +84,7 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.attention = SelfAttention(
-            config.hidden_size, config.num_attention_heads, config.layer_norm_eps
-        )
+        self.attention = SelfAttention(config.hidden_size, config.num_attention_heads, config.layer_norm_eps)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:

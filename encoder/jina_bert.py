@@ -72,9 +72,7 @@ class GatedMLP(nn.Module):
 class Layer(nn.Module):
     def __init__(self, config: JinaBertConfig) -> None:
         super().__init__()
-        self.attention = SelfAttention(
-            config.hidden_size, config.num_attention_heads, config.layer_norm_eps
-        )
+        self.attention = SelfAttention(config.hidden_size, config.num_attention_heads, config.layer_norm_eps)
         self.mlp = GatedMLP(config)
 
     def forward(

@@ -95,11 +95,13 @@ def read_config(folder: Path) -> tuple[str, BertConfig | JinaBertConfig]:
         if "qk-post-norm" in variant:
             raise ModelLoadError(
                 f"{path}: JinaBERT variant 'jina-bert-v2-qk-post-norm' (the code model: q/k LayerNorm, "
-                "swapped GLU halves) is not supported; supported: jina-embeddings-v2 small/base (en, de, es, zh)"
+                "swapped GLU halves) is not supported; supported: jina-embeddings-v2 small/base "
+                "(en, de, es, zh)"
             )
         if raw.get("feed_forward_type", "geglu") != "geglu":
             raise ModelLoadError(
-                f"{path}: JinaBERT feed_forward_type {raw['feed_forward_type']!r} is not supported (only 'geglu')"
+                f"{path}: JinaBERT feed_forward_type {raw['feed_forward_type']!r} is not supported "
+                "(only 'geglu')"
             )
         return "jina_bert", _dataclass_from(JinaBertConfig, raw, path)
     if position != "absolute":

@@ -87,7 +87,11 @@ class EmbeddingModel:
     ) -> np.ndarray:
         """One vector per text (truncated at max_tokens); float32 (n, dim), rows L2-normalised."""
         chunks = self.embed_chunks(
-            texts, mode="full", kind=kind, instruction=instruction, batch_tokens=batch_tokens,
+            texts,
+            mode="full",
+            kind=kind,
+            instruction=instruction,
+            batch_tokens=batch_tokens,
             progress=progress,
         )
         if not chunks:
@@ -120,7 +124,9 @@ class EmbeddingModel:
                 f"({self.info.max_tokens} minus [CLS], [SEP] and {len(prefix)} prefix tokens)"
             )
         if mode == "late" and self.info.pooling != "mean":
-            raise ValueError(f"late chunking needs mean pooling; {self.info.name} pools with {self.info.pooling!r}")
+            raise ValueError(
+                f"late chunking needs mean pooling; {self.info.name} pools with {self.info.pooling!r}"
+            )
         encodings = self._m.tokenizer.encode_batch(list(texts), add_special_tokens=False)
 
         sequences: list[Sequence] = []
@@ -176,11 +182,16 @@ class EmbeddingModel:
             raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
         text = instruction if instruction is not None else self.info.prefixes[kind]
         if text not in self._prefix_ids:
-            self._prefix_ids[text] = self._m.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+            ids = self._m.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+            self._prefix_ids[text] = ids
         return self._prefix_ids[text]
 
     def _sequence(
-        self, prefix: list[int], content: list[int], windows_: list[tuple[int, int]] | None, outputs: list[int]
+        self,
+        prefix: list[int],
+        content: list[int],
+        windows_: list[tuple[int, int]] | None,
+        outputs: list[int],
     ) -> Sequence:
         ids = [self._m.cls_id, *prefix, *content, self._m.sep_id]
         if windows_ is not None:  # late chunking: pool each window's own token rows
@@ -229,7 +240,9 @@ def load_model(
 
     device defaults to CUDA when available, else CPU; dtype to bf16 on CUDA and fp32 on CPU.
     """
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is available")
     if dtype is None:

@@ -22,10 +22,11 @@ class Profile:
 
 
 # Matched against the model name (hub id or folder name), first match wins.
+BGE_QUERY = "Represent this sentence for searching relevant passages: "
 KNOWN_FAMILIES: list[tuple[str, Profile]] = [
     (
         r"(^|/)bge-",
-        Profile("cls", {"query": "Represent this sentence for searching relevant passages: ", "document": ""}),
+        Profile("cls", {"query": BGE_QUERY, "document": ""}),
     ),
     (r"(^|/)(multilingual-)?e5-", Profile("mean", {"query": "query: ", "document": "passage: "})),
     (

@@ -38,7 +38,6 @@ def varlen_attention_torch(
     q, k, v: (total_tokens, heads, head_dim); cu_seqlens: (n + 1,) int offsets of each sequence;
     alibi_slopes: (heads,) or None for plain attention. Returns (total_tokens, heads, head_dim).
     """
-    total, heads, head_dim = q.shape
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     if max_seqlen <= _PAD_MAX_SEQLEN:
         return _attention_padded(q, k, v, cu_seqlens, lengths, max_seqlen, alibi_slopes, scale)
