@@ -21,6 +21,7 @@ from encoder.loading import LoadedModel, load
 from encoder.profiles import KINDS, profile_for
 
 MODES = ("full", "chunk", "late")
+DEFAULT_CHUNK_TOKENS = 512  # capped further by what fits in the model's window
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -102,7 +103,7 @@ class EmbeddingModel:
         self,
         texts: Seq[str],
         mode: str = "chunk",
-        chunk_tokens: int = 256,
+        chunk_tokens: int | None = None,
         overlap: int = 32,
         kind: str = "document",
         instruction: str | None = None,
@@ -110,7 +111,9 @@ class EmbeddingModel:
         progress: bool = False,
     ) -> list[list[Chunk]]:
         """Per text, its chunks in order: `full` one (maybe truncated), `chunk` token windows each
-        embedded alone, `late` token windows pooled from one pass over the whole text."""
+        embedded alone, `late` token windows pooled from one pass over the whole text.
+
+        chunk_tokens defaults to what fits in the model's window (at most 512 tokens)."""
         texts = _check_texts(texts)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -118,6 +121,8 @@ class EmbeddingModel:
         room = self.info.max_tokens - 2 - len(prefix)  # content tokens per sequence
         if room <= 0:
             raise ValueError(f"the prefix takes {len(prefix)} tokens: nothing fits in {self.info.max_tokens}")
+        if chunk_tokens is None:
+            chunk_tokens = min(room, DEFAULT_CHUNK_TOKENS)
         if mode != "full" and chunk_tokens > room:
             raise ValueError(
                 f"chunk_tokens {chunk_tokens} does not fit {self.info.name}: at most {room} content tokens "
