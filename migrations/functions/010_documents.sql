@@ -1,0 +1,107 @@
+-- Document upsert and the trigger behind vectorize_table(): one code path for the Python API
+-- (plugin/documents.py) and for rows written to a user's vectorized table.
+
+-- Insert or update one document. Returns 'inserted', 'updated' (text changed: re-queued),
+-- 'requeued' (same text, but the vectors are missing, failed or from another model revision) or
+-- 'unchanged' (same text and vectors from the collection's model revision: nothing to embed; the
+-- metadata is still replaced).
+CREATE OR REPLACE FUNCTION longembed.upsert_document(
+    p_collection_id bigint, p_external_id text, p_text text, p_metadata jsonb DEFAULT '{}'::jsonb)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_hash     bytea := sha256(convert_to(p_text, 'UTF8'));
+    v_cfg      regconfig;
+    v_revision text;
+    v_doc      longembed.documents%ROWTYPE;
+    v_tsv      tsvector;
+    v_result   text;
+BEGIN
+    SELECT text_search_config, model_revision INTO v_cfg, v_revision
+    FROM longembed.collections WHERE id = p_collection_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'longembed: no collection with id %', p_collection_id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+
+    SELECT * INTO v_doc FROM longembed.documents
+    WHERE collection_id = p_collection_id AND external_id = p_external_id
+    FOR UPDATE;
+
+    IF FOUND AND v_doc.content_hash = v_hash THEN
+        UPDATE longembed.documents SET metadata = coalesce(p_metadata, '{}'::jsonb),
+            updated_at = CASE WHEN metadata IS DISTINCT FROM coalesce(p_metadata, '{}'::jsonb)
+                              THEN now() ELSE updated_at END
+        WHERE id = v_doc.id;
+        IF v_doc.status = 'embedded' AND v_doc.model_revision IS NOT DISTINCT FROM v_revision THEN
+            RETURN 'unchanged';
+        END IF;
+        IF v_doc.status = 'queued' THEN
+            RETURN 'unchanged';  -- already waiting for a worker with this very text
+        END IF;
+        v_result := 'requeued';
+    ELSE
+        BEGIN
+            v_tsv := to_tsvector(v_cfg, p_text);
+        EXCEPTION WHEN program_limit_exceeded THEN
+            -- tsvector holds at most 1 MB; very long texts are indexed lexically by their start.
+            v_tsv := to_tsvector(v_cfg, left(p_text, 100000));
+        END;
+        IF v_doc.id IS NULL THEN
+            INSERT INTO longembed.documents (collection_id, external_id, text, metadata, content_hash, tsv)
+            VALUES (p_collection_id, p_external_id, p_text, coalesce(p_metadata, '{}'::jsonb), v_hash, v_tsv)
+            RETURNING * INTO v_doc;
+            v_result := 'inserted';
+        ELSE
+            UPDATE longembed.documents SET text = p_text, metadata = coalesce(p_metadata, '{}'::jsonb),
+                content_hash = v_hash, tsv = v_tsv, updated_at = now()
+            WHERE id = v_doc.id;
+            v_result := 'updated';
+        END IF;
+    END IF;
+
+    UPDATE longembed.documents SET status = 'queued', error = NULL WHERE id = v_doc.id;
+    -- A new claim token (NULL) makes a worker still embedding the old text drop its result.
+    INSERT INTO longembed.queue (document_id, collection_id) VALUES (v_doc.id, p_collection_id)
+    ON CONFLICT (document_id) DO UPDATE SET
+        enqueued_at = now(), next_attempt_at = now(), leased_until = NULL, lease_token = NULL,
+        attempts = 0, last_error = NULL;
+    RETURN v_result;
+END;
+$$;
+
+-- Trigger function for vectorized user tables. TG_ARGV: collection id, id column, text column.
+-- Never blocks the user's write: NULL or blank text removes the document instead of failing.
+CREATE OR REPLACE FUNCTION longembed.vectorize_trigger()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_collection bigint := TG_ARGV[0]::bigint;
+    v_old_id     text;
+    v_new_id     text;
+    v_text       text;
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        v_old_id := to_jsonb(OLD) ->> TG_ARGV[1];
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        v_new_id := to_jsonb(NEW) ->> TG_ARGV[1];
+        v_text := to_jsonb(NEW) ->> TG_ARGV[2];
+    END IF;
+    IF v_old_id IS NOT NULL AND v_old_id IS DISTINCT FROM v_new_id THEN
+        DELETE FROM longembed.documents WHERE collection_id = v_collection AND external_id = v_old_id;
+    END IF;
+    IF v_new_id IS NOT NULL THEN
+        IF v_text IS NULL OR btrim(v_text) = '' THEN
+            DELETE FROM longembed.documents WHERE collection_id = v_collection AND external_id = v_new_id;
+        ELSE
+            PERFORM longembed.upsert_document(v_collection, v_new_id, v_text, '{}'::jsonb);
+        END IF;
+    END IF;
+    RETURN NULL;
+END;
+$$;

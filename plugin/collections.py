@@ -1,0 +1,259 @@
+"""Collections: a named set of documents embedded by one model with one chunking setup.
+
+Each collection owns a chunk table `longembed."chunks_<id>"` with a `vector(dim)` column and an HNSW
+index (why one table per collection: migrations/versions/0001_init.sql). Table names come from the
+numeric id through psycopg.sql.Identifier, never from the user's collection name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MODES = ("full", "chunk", "late")
+MAX_HNSW_DIM = 2000
+
+# distance -> (pgvector operator, HNSW operator class)
+DISTANCES: dict[str, tuple[str, str]] = {
+    "cosine": ("<=>", "vector_cosine_ops"),
+    "l2": ("<->", "vector_l2_ops"),
+    "ip": ("<#>", "vector_ip_ops"),
+}
+
+
+class ModelDescription(Protocol):
+    """What a collection needs to know of a model (encoder.ModelInfo has these fields)."""
+
+    name: str
+    revision: str
+    dim: int
+    max_tokens: int
+    architecture: str
+
+
+class CollectionNotFound(LookupError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no collection named {name!r} (see `longembed collection list`)")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Collection:
+    id: int
+    name: str
+    model_name: str
+    model_revision: str
+    dim: int
+    mode: str
+    chunk_tokens: int
+    overlap: int
+    query_prefix: str | None
+    document_prefix: str | None
+    distance: str
+    hnsw_m: int
+    hnsw_ef_construction: int
+    text_search_config: str
+    created_at: datetime
+
+    @property
+    def chunk_table(self) -> sql.Composable:
+        return sql.Identifier("longembed", f"chunks_{self.id}")
+
+    @property
+    def operator(self) -> sql.SQL:
+        return sql.SQL(DISTANCES[self.distance][0])
+
+
+_COLUMNS = sql.SQL(", ").join(
+    sql.Identifier(name) for name in Collection.__dataclass_fields__ if name != "text_search_config"
+) + sql.SQL(", text_search_config::text")
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ValueError(
+            f"invalid collection name {name!r}: use 1-63 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def create_collection(
+    conn: psycopg.Connection,
+    name: str,
+    model: ModelDescription,
+    *,
+    mode: str = "chunk",
+    chunk_tokens: int | None = None,
+    overlap: int = 32,
+    query_prefix: str | None = None,
+    document_prefix: str | None = None,
+    distance: str = "cosine",
+    hnsw_m: int = 16,
+    hnsw_ef_construction: int = 64,
+    text_search_config: str = "english",
+) -> Collection:
+    """Create a collection for `model` (an encoder ModelInfo) with its chunk table and HNSW index.
+
+    `chunk_tokens` defaults to what fits the model next to [CLS] and [SEP] (max_tokens - 2); prefixes
+    default (None) to the model's own.
+    """
+    validate_name(name)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "late" and model.architecture != "jina_bert":
+        raise ValueError(f"mode 'late' needs an ALiBi model (jina_bert); {model.name} is not one")
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}: expected one of {', '.join(DISTANCES)}")
+    if not 1 <= model.dim <= MAX_HNSW_DIM:
+        raise ValueError(f"dimension {model.dim} is outside 1..{MAX_HNSW_DIM}, what pgvector HNSW indexes")
+    room = model.max_tokens - 2
+    chunk_tokens = room if chunk_tokens is None else int(chunk_tokens)
+    if not 0 < chunk_tokens <= room:
+        raise ValueError(f"chunk_tokens must be in 1..{room} for {model.name}, got {chunk_tokens}")
+    if not 0 <= overlap < chunk_tokens:
+        raise ValueError(f"overlap must be in 0..{chunk_tokens - 1}, got {overlap}")
+    if not (2 <= hnsw_m <= 100 and 4 <= hnsw_ef_construction <= 1000):
+        raise ValueError("hnsw_m must be in 2..100 and hnsw_ef_construction in 4..1000")
+    opclass = DISTANCES[distance][1]
+    with conn.transaction():
+        if get_collection(conn, name, missing_ok=True) is not None:
+            raise ValueError(f"collection {name!r} already exists")
+        try:
+            row = conn.execute(
+                """INSERT INTO longembed.collections (name, model_name, model_revision, dim, mode,
+                       chunk_tokens, overlap, query_prefix, document_prefix, distance, hnsw_m,
+                       hnsw_ef_construction, text_search_config)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig) RETURNING id""",
+                (
+                    name,
+                    model.name,
+                    model.revision,
+                    model.dim,
+                    mode,
+                    chunk_tokens,
+                    overlap,
+                    query_prefix,
+                    document_prefix,
+                    distance,
+                    hnsw_m,
+                    hnsw_ef_construction,
+                    text_search_config,
+                ),
+            ).fetchone()
+        except psycopg.errors.UndefinedObject as exc:
+            raise ValueError(f"unknown text search configuration {text_search_config!r}") from exc
+        assert row is not None
+        table = sql.Identifier("longembed", f"chunks_{row[0]}")
+        conn.execute(
+            sql.SQL(
+                """CREATE TABLE {table} (
+                       document_id bigint NOT NULL REFERENCES longembed.documents (id) ON DELETE CASCADE,
+                       ordinal     integer NOT NULL,
+                       char_start  integer NOT NULL,
+                       char_end    integer NOT NULL,
+                       n_tokens    integer NOT NULL,
+                       embedding   vector({dim}) NOT NULL,
+                       PRIMARY KEY (document_id, ordinal))"""
+            ).format(table=table, dim=sql.Literal(model.dim))
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE INDEX {index} ON {table} USING hnsw (embedding {opclass}) "
+                "WITH (m = {m}, ef_construction = {efc})"
+            ).format(
+                index=sql.Identifier(f"chunks_{row[0]}_embedding_idx"),
+                table=table,
+                opclass=sql.Identifier(opclass),
+                m=sql.Literal(hnsw_m),
+                efc=sql.Literal(hnsw_ef_construction),
+            )
+        )
+    collection = get_collection(conn, name)
+    return collection
+
+
+def get_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = False) -> Collection:
+    """The collection called `name`; CollectionNotFound unless `missing_ok` (then None)."""
+    if not isinstance(name, str):
+        raise TypeError(f"collection name must be a str, got {type(name).__name__}")
+    with conn.cursor(row_factory=class_row(Collection)) as cur:
+        found = cur.execute(
+            sql.SQL("SELECT {} FROM longembed.collections WHERE name = %s").format(_COLUMNS), (name,)
+        ).fetchone()
+    if found is None and not missing_ok:
+        raise CollectionNotFound(name)
+    return found  # type: ignore[return-value]
+
+
+def list_collections(conn: psycopg.Connection) -> list[Collection]:
+    with conn.cursor(row_factory=class_row(Collection)) as cur:
+        return cur.execute(
+            sql.SQL("SELECT {} FROM longembed.collections ORDER BY name").format(_COLUMNS)
+        ).fetchall()
+
+
+def collection_stats(conn: psycopg.Connection, collection: Collection) -> dict[str, int]:
+    """Document counts by status, queue length and number of chunks."""
+    counts = dict(
+        conn.execute(
+            "SELECT status, count(*) FROM longembed.documents WHERE collection_id = %s GROUP BY status",
+            (collection.id,),
+        ).fetchall()
+    )
+    (chunks,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(collection.chunk_table)).fetchone()
+    return {
+        "documents": sum(counts.values()),
+        "embedded": counts.get("embedded", 0),
+        "queued": counts.get("queued", 0),
+        "failed": counts.get("failed", 0),
+        "chunks": chunks,
+    }
+
+
+def drop_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = False) -> bool:
+    """Drop a collection, its documents, chunks and queue items, and the triggers feeding it.
+
+    Returns False when it did not exist and `missing_ok`.
+    """
+    with conn.transaction():
+        collection = get_collection(conn, name, missing_ok=missing_ok)
+        if collection is None:
+            return False
+        # Lock first so a concurrent upsert cannot add a document between the checks and the drop.
+        conn.execute("SELECT 1 FROM longembed.collections WHERE id = %s FOR UPDATE", (collection.id,))
+        for (table,) in conn.execute(
+            "SELECT table_oid::text FROM longembed.vectorized_tables t "
+            "WHERE collection_id = %s AND to_regclass(table_oid::text) IS NOT NULL",
+            (collection.id,),
+        ).fetchall():
+            _drop_trigger(conn, table, collection.id)
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection.chunk_table))
+        conn.execute("DELETE FROM longembed.collections WHERE id = %s", (collection.id,))
+    return True
+
+
+def trigger_name(collection_id: int) -> sql.Identifier:
+    return sql.Identifier(f"longembed_vectorize_{collection_id}")
+
+
+def _drop_trigger(conn: psycopg.Connection, table_regclass_text: str, collection_id: int) -> None:
+    # regclass::text is already quoted and schema-qualified where needed; go through the OID to build
+    # the identifier safely anyway.
+    schema, table = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = %s::regclass",
+        (table_regclass_text,),
+    ).fetchone()
+    conn.execute(
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+            trigger_name(collection_id), sql.Identifier(schema, table)
+        )
+    )

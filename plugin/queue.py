@@ -1,0 +1,192 @@
+"""The ingestion queue: claim with a lease, write results, retry with backoff, park after the last try.
+
+Lease, not one long transaction. pgai's worker claims, embeds and writes inside one transaction, so a
+crash rolls everything back. Our documents run up to 8192 tokens and a batch can keep a GPU (or a CPU)
+busy for seconds to minutes; a transaction open that long holds row locks and an old snapshot that
+stops VACUUM on the busiest tables. So claiming is its own short transaction that stamps the rows with
+`leased_until` and a random `lease_token`; the write is another short transaction that only touches
+rows still carrying that token. A crashed worker's rows come back when the lease runs out; a worker
+that outlived its lease (or whose document was re-queued with new text meanwhile, which clears the
+token) finds its token gone and drops its stale result. Attempts count at claim time, so a document
+that kills its worker every time is parked after `max_attempts` instead of looping forever.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from plugin.collections import Collection
+
+
+@dataclass(frozen=True)
+class ClaimedItem:
+    document_id: int
+    collection_id: int
+    external_id: str
+    text: str
+    attempts: int  # including this claim
+    last_error: str | None
+
+
+class ChunkRow(Protocol):
+    """One chunk to store (encoder.Chunk has these fields)."""
+
+    ordinal: int
+    start: int
+    end: int
+    n_tokens: int
+    vector: np.ndarray
+
+
+def new_token() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+def claim(
+    conn: psycopg.Connection,
+    token: uuid.UUID,
+    collection_ids: Sequence[int],
+    *,
+    limit: int,
+    lease_seconds: float,
+) -> list[ClaimedItem]:
+    """Lease up to `limit` ready items of the given collections (oldest first) in one short transaction."""
+    if not collection_ids or limit < 1:
+        return []
+    with conn.transaction():
+        rows = conn.execute(
+            """WITH picked AS (
+                   SELECT q.document_id FROM longembed.queue q
+                   WHERE q.collection_id = ANY(%(collections)s)
+                     AND q.next_attempt_at <= now()
+                     AND (q.leased_until IS NULL OR q.leased_until < now())
+                   ORDER BY q.next_attempt_at, q.document_id
+                   LIMIT %(limit)s
+                   FOR UPDATE SKIP LOCKED)
+               UPDATE longembed.queue q
+               SET leased_until = now() + make_interval(secs => %(lease)s), lease_token = %(token)s,
+                   attempts = q.attempts + 1
+               FROM picked, longembed.documents d
+               WHERE q.document_id = picked.document_id AND d.id = q.document_id
+               RETURNING q.document_id, q.collection_id, d.external_id, d.text, q.attempts, q.last_error""",
+            {"collections": list(collection_ids), "limit": limit, "lease": lease_seconds, "token": token},
+        ).fetchall()
+    items = [ClaimedItem(*row) for row in rows]
+    items.sort(key=lambda item: item.document_id)
+    return items
+
+
+def release(conn: psycopg.Connection, token: uuid.UUID, document_ids: Iterable[int]) -> None:
+    """Give claimed-but-unprocessed items back at once, without counting the attempt."""
+    ids = list(document_ids)
+    if ids:
+        conn.execute(
+            """UPDATE longembed.queue SET leased_until = NULL, lease_token = NULL, attempts = attempts - 1
+               WHERE document_id = ANY(%s) AND lease_token = %s""",
+            (ids, token),
+        )
+
+
+def write_results(
+    conn: psycopg.Connection,
+    token: uuid.UUID,
+    collection: Collection,
+    model_revision: str,
+    results: dict[int, Sequence[ChunkRow]],
+) -> list[int]:
+    """Replace the chunks of documents whose lease we still hold, in one transaction.
+
+    Returns the document ids written; the others lost their lease (re-queued, or taken over after
+    the lease ran out) and their results are dropped.
+    """
+    ids = sorted(results)
+    if not ids:
+        return []
+    with conn.transaction(), conn.cursor() as cur:
+        # Documents first, then queue rows: the same lock order as longembed.upsert_document.
+        cur.execute("SELECT id FROM longembed.documents WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,))
+        attempts = dict(
+            cur.execute(
+                """DELETE FROM longembed.queue WHERE document_id = ANY(%s) AND lease_token = %s
+                   RETURNING document_id, attempts""",
+                (ids, token),
+            ).fetchall()
+        )
+        owned = sorted(attempts)
+        if not owned:
+            return []
+        cur.execute(
+            sql.SQL("DELETE FROM {} WHERE document_id = ANY(%s)").format(collection.chunk_table), (owned,)
+        )
+        copy_sql = sql.SQL(
+            "COPY {} (document_id, ordinal, char_start, char_end, n_tokens, embedding) "
+            "FROM STDIN (FORMAT BINARY)"
+        ).format(collection.chunk_table)
+        with cur.copy(copy_sql) as copy:
+            copy.set_types(["int8", "int4", "int4", "int4", "int4", "vector"])
+            for doc_id in owned:
+                for chunk in results[doc_id]:
+                    copy.write_row(
+                        (doc_id, chunk.ordinal, chunk.start, chunk.end, chunk.n_tokens, chunk.vector)
+                    )
+        cur.execute(
+            """UPDATE longembed.documents d SET status = 'embedded', error = NULL, model_revision = %s,
+                   attempts = a.attempts, embed_count = d.embed_count + 1, embedded_at = now()
+               FROM unnest(%s::bigint[], %s::int[]) AS a(id, attempts)
+               WHERE d.id = a.id""",
+            (model_revision, owned, [attempts[i] for i in owned]),
+        )
+    return owned
+
+
+def record_failures(
+    conn: psycopg.Connection,
+    token: uuid.UUID,
+    errors: dict[int, str],
+    *,
+    max_attempts: int,
+    backoff_base: float,
+    backoff_cap: float,
+) -> tuple[list[int], list[int]]:
+    """Schedule a retry (exponential backoff) or park each failed item. Returns (retrying, parked)."""
+    ids = sorted(errors)
+    if not ids:
+        return [], []
+    messages = [errors[i][:2000] for i in ids]
+    with conn.transaction():
+        parked = [
+            row[0]
+            for row in conn.execute(
+                """WITH failed AS (
+                       DELETE FROM longembed.queue q
+                       USING unnest(%s::bigint[], %s::text[]) AS f(id, message)
+                       WHERE q.document_id = f.id AND q.lease_token = %s AND q.attempts >= %s
+                       RETURNING q.document_id, q.attempts, f.message)
+                   UPDATE longembed.documents d
+                   SET status = 'failed', error = failed.message, attempts = failed.attempts
+                   FROM failed WHERE d.id = failed.document_id
+                   RETURNING d.id""",
+                (ids, messages, token, max_attempts),
+            ).fetchall()
+        ]
+        retrying = [
+            row[0]
+            for row in conn.execute(
+                """UPDATE longembed.queue q
+                   SET leased_until = NULL, lease_token = NULL, last_error = f.message,
+                       next_attempt_at = now() + make_interval(
+                           secs => least(%s, %s * power(2, q.attempts - 1)))
+                   FROM unnest(%s::bigint[], %s::text[]) AS f(id, message)
+                   WHERE q.document_id = f.id AND q.lease_token = %s
+                   RETURNING q.document_id""",
+                (backoff_cap, backoff_base, ids, messages, token),
+            ).fetchall()
+        ]
+    return retrying, parked

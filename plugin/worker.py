@@ -1,0 +1,270 @@
+"""The embedding worker: claim a token-budget batch, embed it, write it in one transaction, repeat.
+
+Any number of workers (threads, processes, machines) can share one queue; see plugin/queue.py for the
+lease protocol that makes that safe and lets a crashed worker's items come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import psycopg
+
+from plugin import queue
+from plugin.collections import Collection, get_collection, list_collections
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingModel(Protocol):
+    """The part of encoder's model the worker uses."""
+
+    info: Any  # encoder.ModelInfo: name, revision, dim, ...
+
+    def embed_chunks(self, texts: Sequence[str], **kwargs: Any) -> list[list[queue.ChunkRow]]: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    batch_tokens: int = 16384  # tokens per claimed batch (one write transaction)
+    max_docs: int = 256  # documents per claim at most
+    lease_seconds: float = 600.0  # a batch must be written within this, or others may take it over
+    max_attempts: int = 5
+    backoff_base: float = 2.0  # seconds before the first retry; doubles per attempt
+    backoff_cap: float = 300.0
+    poll_interval: float = 1.0  # idle sleep when the queue is empty
+
+    def __post_init__(self) -> None:
+        if self.batch_tokens < 1 or self.max_docs < 1 or self.max_attempts < 1:
+            raise ValueError("batch_tokens, max_docs and max_attempts must be positive")
+        if self.lease_seconds <= 0 or self.backoff_base < 0 or self.backoff_cap < 0:
+            raise ValueError("lease_seconds must be positive, backoff times non-negative")
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    embedded: int = 0  # documents written
+    retrying: int = 0  # failures scheduled for another try
+    parked: int = 0  # failures after the last try
+    dropped: int = 0  # results discarded: lease lost (document re-queued or taken over)
+    tokens: int = 0
+    embed_seconds: float = 0.0
+    db_seconds: float = 0.0
+
+    def add(self, other: WorkerStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def incompatibility(collection: Collection, info: Any) -> str | None:
+    """Why a model with ModelInfo `info` must not embed `collection`, or None when it may."""
+    if collection.dim != info.dim:
+        return (
+            f"dimension mismatch: collection {collection.name!r} stores {collection.dim}-d vectors "
+            f"({collection.model_name}), the loaded model {info.name} gives {info.dim}-d vectors"
+        )
+    if collection.model_name != info.name:
+        return f"collection {collection.name!r} was built with model {collection.model_name}, not {info.name}"
+    if collection.model_revision != info.revision:
+        return (
+            f"collection {collection.name!r} was built with revision {collection.model_revision} of "
+            f"{info.name}; the loaded weights are revision {info.revision}"
+        )
+    return None
+
+
+class Worker:
+    """Embeds queued documents of the collections `model` can serve (all of them, or those named)."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        model: EmbeddingModel,
+        config: WorkerConfig | None = None,
+        collections: Sequence[str] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.model = model
+        self.config = config or WorkerConfig()
+        self.names = list(collections) if collections else None
+        self.token = queue.new_token()
+        self._limit = min(64, self.config.max_docs)  # adapted to the observed tokens per document
+        self._warned: set[str] = set()
+        if self.names:
+            for name in self.names:  # fail now, clearly, rather than idle forever
+                reason = incompatibility(get_collection(conn, name), model.info)
+                if reason:
+                    raise ValueError(reason)
+
+    def _collections(self) -> dict[int, Collection]:
+        candidates = (
+            [get_collection(self.conn, name) for name in self.names]
+            if self.names
+            else list_collections(self.conn)
+        )
+        usable = {}
+        for collection in candidates:
+            reason = incompatibility(collection, self.model.info)
+            if reason is None:
+                usable[collection.id] = collection
+            elif collection.name not in self._warned:
+                self._warned.add(collection.name)
+                log.warning("skipping collection %s: %s", collection.name, reason)
+        return usable
+
+    def run_once(self) -> WorkerStats:
+        """Claim, embed and write one batch. `stats.batches == 0` means nothing was ready."""
+        stats = WorkerStats()
+        cfg = self.config
+        t0 = time.perf_counter()
+        collections = self._collections()
+        items = queue.claim(
+            self.conn, self.token, list(collections), limit=self._limit, lease_seconds=cfg.lease_seconds
+        )
+        stats.db_seconds += time.perf_counter() - t0
+        if not items:
+            return stats
+        stats.batches = 1
+        errors: dict[int, str] = {}
+        for item in items:
+            if item.attempts > cfg.max_attempts:  # leases ran out every time: crashed or too slow
+                errors[item.document_id] = (
+                    f"no result after {item.attempts - 1} leases of {cfg.lease_seconds:g}s (worker crashed "
+                    f"or too slow); last error: {item.last_error}"
+                )
+        items = [item for item in items if item.document_id not in errors]
+
+        t0 = time.perf_counter()
+        n_tokens = self.model.count_tokens([item.text for item in items]) if items else []
+        keep, budget = 0, 0
+        while keep < len(items) and (keep == 0 or budget + n_tokens[keep] <= cfg.batch_tokens):
+            budget += n_tokens[keep]
+            keep += 1
+        per_doc = max(1, budget // max(1, keep))
+        self._limit = max(1, min(cfg.max_docs, cfg.batch_tokens // per_doc))
+        stats.tokens = budget
+        results: dict[int, list] = {}
+        by_collection: dict[int, list[queue.ClaimedItem]] = {}
+        for item in items[:keep]:
+            by_collection.setdefault(item.collection_id, []).append(item)
+        for collection_id, group in by_collection.items():
+            self._embed_group(collections[collection_id], group, results, errors)
+        stats.embed_seconds += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        try:
+            written, retrying, parked = self._write(collections, items[keep:], by_collection, results, errors)
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+            # Rolled back; count it as a failed attempt of every item so they come back after a backoff.
+            log.warning("write of a batch failed (%s); retrying later", exc)
+            written = []
+            errors = {item.document_id: f"write failed: {exc}" for item in items[:keep]} | errors
+            retrying, parked = self._record_failures(errors)
+        stats.embedded = len(written)
+        stats.dropped = len(results) - len(written)
+        stats.retrying, stats.parked = len(retrying), len(parked)
+        stats.db_seconds += time.perf_counter() - t0
+        for doc_id in parked:
+            log.warning("parked document %s after %d attempts: %s", doc_id, cfg.max_attempts, errors[doc_id])
+        return stats
+
+    def _write(
+        self,
+        collections: dict[int, Collection],
+        unused: list[queue.ClaimedItem],
+        by_collection: dict[int, list[queue.ClaimedItem]],
+        results: dict[int, list],
+        errors: dict[int, str],
+    ) -> tuple[list[int], list[int], list[int]]:
+        """One transaction: give back unused items, write results, record failures."""
+        written: list[int] = []
+        with self.conn.transaction():
+            queue.release(self.conn, self.token, [item.document_id for item in unused])
+            for collection_id, group in by_collection.items():
+                done = {i.document_id: results[i.document_id] for i in group if i.document_id in results}
+                written += queue.write_results(
+                    self.conn, self.token, collections[collection_id], self.model.info.revision, done
+                )
+            retrying, parked = self._record_failures(errors)
+        return written, retrying, parked
+
+    def _record_failures(self, errors: dict[int, str]) -> tuple[list[int], list[int]]:
+        cfg = self.config
+        return queue.record_failures(
+            self.conn,
+            self.token,
+            errors,
+            max_attempts=cfg.max_attempts,
+            backoff_base=cfg.backoff_base,
+            backoff_cap=cfg.backoff_cap,
+        )
+
+    def _embed_group(
+        self,
+        collection: Collection,
+        group: list[queue.ClaimedItem],
+        results: dict[int, list],
+        errors: dict[int, str],
+    ) -> None:
+        try:
+            chunks = self._embed(collection, [item.text for item in group])
+            results.update({item.document_id: c for item, c in zip(group, chunks, strict=True)})
+            return
+        except Exception as exc:
+            if len(group) == 1:
+                errors[group[0].document_id] = f"{type(exc).__name__}: {exc}"
+                return
+            log.warning("batch of %d failed (%s); embedding one by one", len(group), exc)
+        for item in group:  # find which documents fail, so one bad document does not sink the others
+            try:
+                results[item.document_id] = self._embed(collection, [item.text])[0]
+            except Exception as exc:
+                errors[item.document_id] = f"{type(exc).__name__}: {exc}"
+
+    def _embed(self, collection: Collection, texts: list[str]) -> list[list[queue.ChunkRow]]:
+        chunks = self.model.embed_chunks(
+            texts,
+            mode=collection.mode,
+            chunk_tokens=collection.chunk_tokens,
+            overlap=collection.overlap,
+            kind="document",
+            instruction=collection.document_prefix,
+            batch_tokens=self.config.batch_tokens,
+        )
+        for doc_chunks in chunks:
+            if not doc_chunks:
+                raise ValueError("the encoder returned no chunk for a document")
+            for chunk in doc_chunks:
+                if chunk.vector.shape != (collection.dim,):
+                    raise ValueError(
+                        f"encoder gave a {chunk.vector.shape} vector for {collection.dim}-d {collection.name}"
+                    )
+        return chunks
+
+    def drain(self, stop: threading.Event | None = None) -> WorkerStats:
+        """Process batches until nothing is ready (items leased by others or backing off: not waited for)."""
+        total = WorkerStats()
+        while stop is None or not stop.is_set():
+            stats = self.run_once()
+            if stats.batches == 0:
+                break
+            total.add(stats)
+        return total
+
+    def run(self, stop: threading.Event) -> WorkerStats:
+        """Process batches until `stop` is set; the batch in progress is finished and written first."""
+        total = WorkerStats()
+        while not stop.is_set():
+            stats = self.run_once()
+            total.add(stats)
+            if stats.batches == 0:
+                stop.wait(self.config.poll_interval)
+        return total
