@@ -229,31 +229,30 @@ def drop_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = F
             return False
         # Lock first so a concurrent upsert cannot add a document between the checks and the drop.
         conn.execute("SELECT 1 FROM longembed.collections WHERE id = %s FOR UPDATE", (collection.id,))
-        for (table,) in conn.execute(
-            "SELECT table_oid::text FROM longembed.vectorized_tables t "
-            "WHERE collection_id = %s AND to_regclass(table_oid::text) IS NOT NULL",
+        for (table_oid,) in conn.execute(
+            "SELECT t.table_oid::oid::bigint FROM longembed.vectorized_tables t "
+            "JOIN pg_class c ON c.oid = t.table_oid WHERE t.collection_id = %s",
             (collection.id,),
         ).fetchall():
-            _drop_trigger(conn, table, collection.id)
+            _drop_triggers(conn, table_oid, collection.id)
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection.chunk_table))
         conn.execute("DELETE FROM longembed.collections WHERE id = %s", (collection.id,))
     return True
 
 
-def trigger_name(collection_id: int) -> sql.Identifier:
-    return sql.Identifier(f"longembed_vectorize_{collection_id}")
+def trigger_names(collection_id: int) -> tuple[sql.Identifier, sql.Identifier]:
+    """Names of the row and TRUNCATE triggers feeding collection `collection_id` (plugin/vectorize.py)."""
+    return (
+        sql.Identifier(f"longembed_vectorize_{collection_id}"),
+        sql.Identifier(f"longembed_vectorize_{collection_id}_truncate"),
+    )
 
 
-def _drop_trigger(conn: psycopg.Connection, table_regclass_text: str, collection_id: int) -> None:
-    # regclass::text is already quoted and schema-qualified where needed; go through the OID to build
-    # the identifier safely anyway.
+def _drop_triggers(conn: psycopg.Connection, table_oid: int, collection_id: int) -> None:
     schema, table = conn.execute(
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.oid = %s::regclass",
-        (table_regclass_text,),
+        "WHERE c.oid = %s::oid",
+        (table_oid,),
     ).fetchone()
-    conn.execute(
-        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-            trigger_name(collection_id), sql.Identifier(schema, table)
-        )
-    )
+    for name in trigger_names(collection_id):
+        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, sql.Identifier(schema, table)))

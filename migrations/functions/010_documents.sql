@@ -105,3 +105,15 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+-- TRUNCATE of a vectorized table empties its collection. TG_ARGV: collection id.
+CREATE OR REPLACE FUNCTION longembed.vectorize_truncate()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM longembed.documents WHERE collection_id = TG_ARGV[0]::bigint;
+    RETURN NULL;
+END;
+$$;
