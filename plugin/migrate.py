@@ -70,9 +70,9 @@ def _requires(sql: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in match.group(1).split(",") if part.strip())
 
 
-def load_files(kind: str) -> list[MigrationFile]:
+def load_files(kind: str, package: str = "migrations") -> list[MigrationFile]:
     """The packaged files of one kind ("version" or "function"), in name order."""
-    folder = resources.files("migrations").joinpath("versions" if kind == "version" else "functions")
+    folder = resources.files(package).joinpath("versions" if kind == "version" else "functions")
     if not folder.is_dir():
         return []
     files = []
@@ -121,16 +121,17 @@ def _missing_extension(conn: psycopg.Connection, extensions: tuple[str, ...]) ->
     return None
 
 
-def migrate(conn: psycopg.Connection) -> MigrationReport:
+def migrate(conn: psycopg.Connection, package: str = "migrations") -> MigrationReport:
     """Bring schema `longembed` up to date. Safe to run twice and from several processes at once.
 
     `conn` must not be inside a transaction; each file commits on its own, so a failing file leaves
-    the ones before it applied and itself not recorded.
+    the ones before it applied and itself not recorded. `package`: where the SQL files live (tests
+    point it at a package of their own).
     """
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise MigrationError("migrate() needs a connection that is not inside a transaction")
     report = MigrationReport()
-    for file in load_files("version"):
+    for file in load_files("version", package):
         with conn.transaction():
             _lock(conn)
             _ensure_bookkeeping(conn)
@@ -154,7 +155,7 @@ def migrate(conn: psycopg.Connection) -> MigrationReport:
                 (file.version, file.name, file.sha256),
             )
             report.applied.append(file.name)
-    for file in load_files("function"):
+    for file in load_files("function", package):
         with conn.transaction():
             _lock(conn)
             reason = _missing_extension(conn, file.requires)
