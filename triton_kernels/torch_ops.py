@@ -8,14 +8,13 @@ O(block x seqlen) extra memory instead of O(heads x seqlen^2).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
-# Upper bound on elements of a materialised score/bias block (fp32: 4 bytes each, so 128 MiB).
+# Upper bound on elements of a materialised bias/score block (fp32: 4 bytes each, so 128 MiB).
 _BLOCK_ELEMENTS = 32 * 1024 * 1024
-# Segments up to this length are gathered into a padded batch (one SDPA call for many short
-# texts); longer ones are attended one by one. Batches are length-sorted, so padding stays small.
-_PAD_MAX_SEQLEN = 512
 
 
 def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -37,70 +36,53 @@ def varlen_attention_torch(
 
     q, k, v: (total_tokens, heads, head_dim); cu_seqlens: (n + 1,) int offsets of each sequence;
     alibi_slopes: (heads,) or None for plain attention. Returns (total_tokens, heads, head_dim).
+
+    Consecutive sequences of equal length are viewed as one (count, heads, length, head_dim) batch:
+    no gather, no padding, no mask. The encoder sorts batches by length, so runs are long.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    if max_seqlen <= _PAD_MAX_SEQLEN:
-        return _attention_padded(q, k, v, cu_seqlens, lengths, max_seqlen, alibi_slopes, scale)
+    _, heads, head_dim = q.shape
     out = torch.empty_like(q)
-    starts = cu_seqlens[:-1].tolist()
-    for start, length in zip(starts, lengths, strict=True):
-        seg = slice(start, start + length)
-        out[seg] = _attention_one(q[seg], k[seg], v[seg], alibi_slopes, scale)
+    for start, count, length in _equal_length_runs(cu_seqlens):
+        rows = slice(start, start + count * length)
+        qr, kr, vr = (t[rows].view(count, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        ctx = _attend(qr, kr, vr, alibi_slopes, scale)  # (count, heads, length, head_dim)
+        out[rows] = ctx.transpose(1, 2).reshape(count * length, heads, head_dim)
     return out
 
 
-def _attention_one(
+def _equal_length_runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first row, number of sequences, length) for each maximal run of equal-length sequences."""
+    offsets = cu_seqlens.tolist()
+    runs: list[tuple[int, int, int]] = []
+    for a, b in itertools.pairwise(offsets):
+        if runs and runs[-1][2] == b - a:
+            first, count, length = runs[-1]
+            runs[-1] = (first, count + 1, length)
+        else:
+            runs.append((a, 1, b - a))
+    return runs
+
+
+def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None, scale: float | None
 ) -> torch.Tensor:
-    """One sequence (n, heads, head_dim); with ALiBi, queries go in blocks to bound the bias size."""
-    n, heads, _ = q.shape
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, n, head_dim)
+    """(count, heads, n, head_dim) sequences of one length; with ALiBi the bias is built for a bounded
+    block of sequences and queries at a time, so memory stays O(block x n), not O(heads x n^2)."""
     if slopes is None:
-        return F.scaled_dot_product_attention(qh, kh, vh, scale=scale)[0].transpose(0, 1)
-    block = max(1, min(n, _BLOCK_ELEMENTS // (heads * n)))
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    count, heads, n, _ = q.shape
+    q_block = max(1, min(n, _BLOCK_ELEMENTS // (heads * n)))
+    seq_block = max(1, _BLOCK_ELEMENTS // (heads * n * n))
     pos = torch.arange(n, device=q.device)
-    out = torch.empty_like(qh)
-    for b0 in range(0, n, block):
-        b1 = min(n, b0 + block)
-        bias = alibi_bias(slopes, pos[b0:b1], pos).to(q.dtype)  # (heads, block, n)
-        out[:, :, b0:b1] = F.scaled_dot_product_attention(
-            qh[:, :, b0:b1], kh, vh, attn_mask=bias.unsqueeze(0), scale=scale
-        )
-    return out[0].transpose(0, 1)
-
-
-def _attention_padded(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    lengths: list[int],
-    max_seqlen: int,
-    slopes: torch.Tensor | None,
-    scale: float | None,
-) -> torch.Tensor:
-    """Short sequences: gather into (n, heads, L, d), one masked SDPA per group, scatter back."""
-    n = len(lengths)
-    heads = q.shape[1]
-    device = q.device
-    length_t = torch.tensor(lengths, device=device)
-    pos = torch.arange(max_seqlen, device=device)
-    valid = pos[None, :] < length_t[:, None]  # (n, L)
-    rows = (cu_seqlens[:-1, None].to(torch.long) + pos[None, :]).clamp(max=q.shape[0] - 1)
-    bias = alibi_bias(slopes, pos, pos).to(q.dtype) if slopes is not None else None
-    group = max(1, _BLOCK_ELEMENTS // (heads * max_seqlen * max_seqlen))
     out = torch.empty_like(q)
-    for g0 in range(0, n, group):
-        g1 = min(n, g0 + group)
-        idx, ok = rows[g0:g1], valid[g0:g1]
-        qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))  # (g, heads, L, d)
-        # Padding keys get -inf; padding queries still see real keys, so no row is all -inf.
-        mask = torch.zeros(ok.shape, dtype=q.dtype, device=device).masked_fill_(~ok, float("-inf"))
-        mask = mask[:, None, None, :]  # (g, 1, 1, L)
-        if bias is not None:
-            mask = mask + bias.unsqueeze(0)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
-        out[idx[ok]] = og.transpose(1, 2)[ok]
+    for b0 in range(0, n, q_block):
+        b1 = min(n, b0 + q_block)
+        bias = alibi_bias(slopes, pos[b0:b1], pos).to(q.dtype)  # (heads, block, n)
+        for s0 in range(0, count, seq_block):
+            s1 = min(count, s0 + seq_block)
+            out[s0:s1, :, b0:b1] = F.scaled_dot_product_attention(
+                q[s0:s1, :, b0:b1], k[s0:s1], v[s0:s1], attn_mask=bias, scale=scale
+            )
     return out
 
 
