@@ -184,6 +184,10 @@ def get_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = Fa
     """The collection called `name`; CollectionNotFound unless `missing_ok` (then None)."""
     if not isinstance(name, str):
         raise TypeError(f"collection name must be a str, got {type(name).__name__}")
+    if not NAME_PATTERN.match(name):  # cannot exist (the table's CHECK); also keeps NUL away from the server
+        if missing_ok:
+            return None  # type: ignore[return-value]
+        raise CollectionNotFound(name)
     with conn.cursor(row_factory=class_row(Collection)) as cur:
         found = cur.execute(
             sql.SQL("SELECT {} FROM longembed.collections WHERE name = %s").format(_COLUMNS), (name,)
