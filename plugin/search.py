@@ -118,20 +118,18 @@ def _as_vector(query: Any, dim: int) -> np.ndarray:
 
 
 def _configure(conn: psycopg.Connection, ef_search: int | None) -> None:
-    settings = {"plan_cache_mode": "force_custom_plan"}
+    """The settings of this transaction, in one round trip."""
+    settings = [sql.SQL("set_config('plan_cache_mode', 'force_custom_plan', true)")]
     if ef_search is not None:
-        settings["hnsw.ef_search"] = str(ef_search)
-    if _has_iterative_scan(conn):
-        settings["hnsw.iterative_scan"] = "relaxed_order"
-    for name, value in settings.items():
-        conn.execute("SELECT set_config(%s, %s, true)", (name, value))
-
-
-def _has_iterative_scan(conn: psycopg.Connection) -> bool:
-    row = conn.execute(
-        "SELECT string_to_array(extversion, '.')::int[] >= '{0,8}' FROM pg_extension WHERE extname = 'vector'"
-    ).fetchone()
-    return bool(row and row[0])
+        settings.append(sql.SQL("set_config('hnsw.ef_search', {}, true)").format(sql.Literal(str(ef_search))))
+    # Iterative index scans exist from pgvector 0.8 on; older servers reject the setting.
+    settings.append(
+        sql.SQL(
+            "CASE WHEN (SELECT string_to_array(extversion, '.')::int[] >= '{{0,8}}' FROM pg_extension "
+            "WHERE extname = 'vector') THEN set_config('hnsw.iterative_scan', 'relaxed_order', true) END"
+        )
+    )
+    conn.execute(sql.SQL("SELECT ") + sql.SQL(", ").join(settings))
 
 
 def _score(collection: Collection, distance: float) -> float:
