@@ -22,6 +22,8 @@ from encoder.profiles import KINDS, profile_for
 
 MODES = ("full", "chunk", "late")
 DEFAULT_CHUNK_TOKENS = 512  # capped further by what fits in the model's window
+# Token budget per packed batch: CPU matmuls run best on cache-sized batches, GPUs want big ones.
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -83,7 +85,7 @@ class EmbeddingModel:
         texts: Seq[str],
         kind: str = "document",
         instruction: str | None = None,
-        batch_tokens: int = 16384,
+        batch_tokens: int | None = None,
         progress: bool = False,
     ) -> np.ndarray:
         """One vector per text (truncated at max_tokens); float32 (n, dim), rows L2-normalised."""
@@ -107,7 +109,7 @@ class EmbeddingModel:
         overlap: int = 32,
         kind: str = "document",
         instruction: str | None = None,
-        batch_tokens: int = 16384,
+        batch_tokens: int | None = None,
         progress: bool = False,
     ) -> list[list[Chunk]]:
         """Per text, its chunks in order: `full` one (maybe truncated), `chunk` token windows each
@@ -211,8 +213,10 @@ class EmbeddingModel:
         return Sequence(ids, spans, outputs)
 
     @torch.inference_mode()
-    def _run(self, sequences: list[Sequence], n_out: int, budget: int, progress: bool) -> np.ndarray:
+    def _run(self, sequences: list[Sequence], n_out: int, budget: int | None, progress: bool) -> np.ndarray:
         out = np.zeros((n_out, self.info.dim), dtype=np.float32)
+        if budget is None:
+            budget = DEFAULT_BATCH_TOKENS.get(self.device.type, 16384)
         lengths = [len(s.ids) for s in sequences]
         bar = tqdm(total=sum(lengths), unit="tok", unit_scale=True, disable=not progress, leave=False)
         for batch_ids in plan_batches(lengths, budget):

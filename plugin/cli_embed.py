@@ -51,7 +51,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default="full", help="full (default), chunk or late")
     p.add_argument("--chunk-tokens", type=_positive_int, default=256, help="tokens per chunk (chunk/late)")
     p.add_argument("--overlap", type=_non_negative_int, default=32, help="overlapping tokens between chunks")
-    p.add_argument("--batch-tokens", type=_positive_int, default=16384, help="token budget per batch")
+    p.add_argument(
+        "--batch-tokens",
+        type=_positive_int,
+        default=None,
+        help="token budget per batch (default: 4096 on CPU, 16384 on CUDA)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--empty", choices=("skip", "error"), default="skip", help="what to do with empty lines")
