@@ -1,9 +1,157 @@
-"""Commands of this group are registered here (filled in by the PostgreSQL layer)."""
+"""`longembed up | down | status | dsn | psql | setup-plpython`: the embedded PostgreSQL server."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+
+from plugin.server import EmbeddedServer, ServerError, resolve_dsn
+
+EXIT_ERROR = 2
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this module's subcommands; each sets `run=callable(args) -> int`."""
+    p = sub.add_parser("up", help="start the embedded PostgreSQL server (initialise it on first use)")
+    p.add_argument(
+        "--port", type=int, help="TCP port on 127.0.0.1 (default: $LONGEMBED_PORT, else the last one)"
+    )
+    p.set_defaults(run=_guard(_cmd_up))
+
+    p = sub.add_parser("down", help="stop the embedded server (fast shutdown)")
+    p.set_defaults(run=_guard(_cmd_down))
+
+    p = sub.add_parser("status", help="is the embedded server running; where it lives")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(run=_guard(_cmd_status))
+
+    p = sub.add_parser("dsn", help="print the connection URI of the embedded server (with its password)")
+    p.add_argument("--no-password", action="store_true", help="leave the password out")
+    p.set_defaults(run=_guard(_cmd_dsn))
+
+    p = sub.add_parser("psql", help="open psql on the database (embedded server, --dsn or $LONGEMBED_DSN)")
+    p.add_argument(
+        "--dsn", help="PostgreSQL connection string (default: $LONGEMBED_DSN, else the embedded server)"
+    )
+    p.add_argument("-c", "--command", action="append", help="run this SQL and exit (repeatable)")
+    p.add_argument("-f", "--file", help="run the SQL in this file and exit")
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="after --: more psql arguments")
+    p.set_defaults(run=_guard(_cmd_psql))
+
+    p = sub.add_parser(
+        "setup-plpython",
+        help="build PL/Python (plpython3u) for the embedded server, needed by the SQL embed() (once, cached)",
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even when a build is cached")
+    p.set_defaults(run=_guard(_cmd_setup_plpython))
+
+
+def _guard(fn):
+    """Expected failures: one line on stderr, exit status 2, no traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        from plugin.plpython_setup import PlpythonSetupError
+
+        try:
+            return fn(args)
+        except (ServerError, PlpythonSetupError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+
+    return run
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from plugin import plpython_setup
+
+    server = EmbeddedServer()
+    was_running = server.running_pid() is not None
+    status = server.start(port=args.port)
+    if was_running:
+        print(f"already running (pid {status.pid}) on 127.0.0.1:{status.port}")
+        if args.port is not None and args.port != status.port:
+            print(f"warning: --port {args.port} ignored; `longembed down` first to move it", file=sys.stderr)
+    else:
+        print(f"started PostgreSQL on 127.0.0.1:{status.port} (pid {status.pid}, data in {status.data_dir})")
+    if plpython_setup.installed_dir(server.pginstall()) is None:
+        print(
+            "note: PL/Python is not built; SQL embed() needs it: run `longembed setup-plpython`",
+            file=sys.stderr,
+        )
+    for path in server.unreadable_python_paths():
+        print(
+            f"warning: user {server.run_as} cannot read {path}: SQL embed() will not find longembed's "
+            "Python packages; install them where that user can read them",
+            file=sys.stderr,
+        )
+    print("connection URI: longembed dsn")
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    server = EmbeddedServer()
+    print("stopped" if server.stop() else "not running")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Exit status 0 when running, 3 when not (as pg_ctl status), so scripts can test it."""
+    status = EmbeddedServer().status()
+    if args.json:
+        print(json.dumps(status.as_dict(), indent=2))
+    elif status.running:
+        print(
+            f"running: pid {status.pid}, 127.0.0.1:{status.port}, "
+            f"data {status.data_dir}, user {status.run_as}"
+        )
+    elif status.initialised:
+        print(f"stopped (data in {status.data_dir}); start it with `longembed up`")
+    else:
+        print(f"not set up ({status.home}); start it with `longembed up`")
+    return 0 if status.running else 3
+
+
+def _cmd_dsn(args: argparse.Namespace) -> int:
+    server = EmbeddedServer()
+    if server.running_pid() is None:
+        raise ServerError("the embedded server is not running: start it with `longembed up`")
+    print(server.dsn(with_password=not args.no_password))
+    return 0
+
+
+def _cmd_psql(args: argparse.Namespace) -> int:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from plugin.server import bundled_pginstall
+
+    dsn = resolve_dsn(args)
+    # The password travels in the environment, not in argv (visible to every user in ps).
+    params = conninfo_to_dict(dsn)
+    password = params.pop("password", None)
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    psql = str(bundled_pginstall() / "bin" / "psql")
+    extra = ["--no-psqlrc", "--set=ON_ERROR_STOP=1"] if args.command or args.file else []
+    for command in args.command or []:
+        extra += ["--command", command]
+    if args.file:
+        extra += ["--file", args.file]
+    extra += args.psql_args[1:] if args.psql_args[:1] == ["--"] else args.psql_args
+    sys.stdout.flush()
+    os.execve(psql, [psql, "--dbname", make_conninfo(**params), *extra], env)
+    return 0  # not reached
+
+
+def _cmd_setup_plpython(args: argparse.Namespace) -> int:
+    from plugin import plpython_setup
+
+    server = EmbeddedServer()
+    folder = plpython_setup.setup(server.pginstall(), force=args.force)
+    if server.running_pid() is not None:
+        server.reload_settings()
+        print("the running server now finds plpython3u (settings reloaded)")
+    print(f"plpython3u for the embedded server: {folder}")
+    return 0

@@ -125,7 +125,12 @@ class Status:
 class EmbeddedServer:
     """One embedded PostgreSQL cluster in `home` (see the module docstring for the layout)."""
 
-    def __init__(self, home: Path | str | None = None, *, service_user: str | None = None) -> None:
+    def __init__(
+        self, home: Path | str | None = None, *, service_user: str | None = None, durable: bool = True
+    ) -> None:
+        # durable=False (throwaway test servers): no fsync; a crash of the machine, not of PostgreSQL,
+        # could then lose recent commits.
+        self.durable = durable
         self.home = Path(home).absolute() if home is not None else default_home()
         self.as_root = os.geteuid() == 0
         # Not root: the server runs as ourselves and runuser is not needed.
@@ -294,6 +299,7 @@ class EmbeddedServer:
                     "--encoding=UTF8",
                     "--no-locale",
                     "--no-instructions",
+                    *([] if self.durable else ["--no-sync"]),
                 ]
             ),
             capture_output=True,
@@ -330,6 +336,8 @@ class EmbeddedServer:
             "unix_socket_permissions = 0700",
             "password_encryption = 'scram-sha-256'",
         ]
+        if not self.durable:
+            lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
         from plugin import plpython_setup
 
         plpython = plpython_setup.installed_dir(self.pginstall())
@@ -447,6 +455,14 @@ class EmbeddedServer:
             if not exists:
                 conn.execute(f"CREATE DATABASE {DATABASE}")
 
+    def reload_settings(self) -> None:
+        """Rewrite longembed.conf (e.g. after setup-plpython) and make the running server read it."""
+        port = self._load_state().get("port")
+        if self.running_pid() is None or not isinstance(port, int):
+            raise ServerError("the embedded server is not running")
+        self._write_settings(port)
+        self._pg_ctl("reload", "-s")
+
     def stop(self) -> bool:
         """Stop the server (fast shutdown: open transactions roll back). False if it was not running."""
         if self.running_pid() is None:
@@ -467,13 +483,29 @@ class EmbeddedServer:
             run_as=self.run_as,
         )
 
-    def dsn(self, dbname: str = DATABASE) -> str:
-        """libpq URI for the superuser `longembed` over TCP on 127.0.0.1, password included."""
+    def dsn(self, dbname: str = DATABASE, *, with_password: bool = True) -> str:
+        """libpq URI for the superuser `longembed` over TCP on 127.0.0.1 (password included by default)."""
         port = self._load_state().get("port")
         if not isinstance(port, int) or not self.password_file.exists():
             raise ServerError(f"the embedded server in {self.home} has not been set up: run `longembed up`")
-        password = self.password_file.read_text().strip()
-        return f"postgresql://{SUPERUSER}:{quote(password, safe='')}@{LISTEN_HOST}:{port}/{quote(dbname)}"
+        user = SUPERUSER
+        if with_password:
+            user += ":" + quote(self.password_file.read_text().strip(), safe="")
+        return f"postgresql://{user}@{LISTEN_HOST}:{port}/{quote(dbname)}"
+
+    def password(self) -> str:
+        return self.password_file.read_text().strip()
+
+    def unreadable_python_paths(self) -> list[str]:
+        """Entries of the backend's PYTHONPATH the server's user cannot read (PL/Python would miss them)."""
+        return [
+            path
+            for path in server_python_path()
+            if subprocess.run(
+                self._as_service_user(["test", "-r", path, "-a", "-x", path]), capture_output=True
+            ).returncode
+            != 0
+        ]
 
 
 def resolve_dsn(args: Any = None) -> str:
