@@ -145,25 +145,27 @@ class Bert(nn.Module):
         return model
 
     @staticmethod
-    def expected_keys(config: BertConfig) -> set[str]:
-        """Every checkpoint key the model reads (used to report missing and unused weights)."""
-        keys = {
-            "embeddings.word_embeddings.weight",
-            "embeddings.position_embeddings.weight",
-            "embeddings.token_type_embeddings.weight",
-            "embeddings.LayerNorm.weight",
-            "embeddings.LayerNorm.bias",
+    def expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint key the model reads and its shape (to name missing, unused, misshapen weights)."""
+        h, inter = config.hidden_size, config.intermediate_size
+        shapes = {
+            "embeddings.word_embeddings.weight": (config.vocab_size, h),
+            "embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
+            "embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
+            "embeddings.LayerNorm.weight": (h,),
+            "embeddings.LayerNorm.bias": (h,),
         }
         for i in range(config.num_hidden_layers):
-            for name in (
-                "attention.self.query",
-                "attention.self.key",
-                "attention.self.value",
-                "attention.output.dense",
-                "attention.output.LayerNorm",
-                "intermediate.dense",
-                "output.dense",
-                "output.LayerNorm",
+            p = f"encoder.layer.{i}."
+            for name, out, in_ in (  # Linear layers: weight (out, in), bias (out,)
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("intermediate.dense", inter, h),
+                ("output.dense", h, inter),
             ):
-                keys |= {f"encoder.layer.{i}.{name}.weight", f"encoder.layer.{i}.{name}.bias"}
-        return keys
+                shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (out, in_), (out,)
+            for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+                shapes[p + name + ".weight"] = shapes[p + name + ".bias"] = (h,)
+        return shapes

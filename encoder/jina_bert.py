@@ -132,24 +132,26 @@ class JinaBert(nn.Module):
         return model
 
     @staticmethod
-    def expected_keys(config: JinaBertConfig) -> set[str]:
-        """Every checkpoint key the model reads (used to report missing and unused weights)."""
-        keys = {
-            "embeddings.word_embeddings.weight",
-            "embeddings.token_type_embeddings.weight",
-            "embeddings.LayerNorm.weight",
-            "embeddings.LayerNorm.bias",
+    def expected_shapes(config: JinaBertConfig) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint key the model reads and its shape (to name missing, unused, misshapen weights)."""
+        h, inter = config.hidden_size, config.intermediate_size
+        shapes = {
+            "embeddings.word_embeddings.weight": (config.vocab_size, h),
+            "embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
+            "embeddings.LayerNorm.weight": (h,),
+            "embeddings.LayerNorm.bias": (h,),
         }
         for i in range(config.num_hidden_layers):
-            for name in (
-                "attention.self.query",
-                "attention.self.key",
-                "attention.self.value",
-                "attention.output.dense",
-                "attention.output.LayerNorm",
-                "mlp.wo",
-                "mlp.layernorm",
+            p = f"encoder.layer.{i}."
+            for name, out, in_ in (  # Linear layers: weight (out, in), bias (out,)
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("mlp.wo", h, inter),
             ):
-                keys |= {f"encoder.layer.{i}.{name}.weight", f"encoder.layer.{i}.{name}.bias"}
-            keys.add(f"encoder.layer.{i}.mlp.gated_layers.weight")
-        return keys
+                shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (out, in_), (out,)
+            for name in ("attention.output.LayerNorm", "mlp.layernorm"):
+                shapes[p + name + ".weight"] = shapes[p + name + ".bias"] = (h,)
+            shapes[p + "mlp.gated_layers.weight"] = (2 * inter, h)  # gate and value halves, no bias
+        return shapes

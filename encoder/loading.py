@@ -74,15 +74,23 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise ModelLoadError(f"could not get {repo_id!r} from the Hugging Face hub{hint}: {exc}") from exc
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (a model folder's config files), or a ModelLoadError saying why not."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def read_config(folder: Path) -> tuple[str, BertConfig | JinaBertConfig]:
     """Recognise the architecture from config.json; refuse anything else by name."""
     path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{folder}: config.json is missing")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    raw = read_json_object(path)
     model_type = raw.get("model_type")
     if model_type != "bert":
         raise ModelLoadError(
@@ -111,6 +119,18 @@ def read_config(folder: Path) -> tuple[str, BertConfig | JinaBertConfig]:
 
 def _dataclass_from(cls: type, raw: dict, path: Path):
     fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+    for key, value in fields.items():
+        # Sizes must be positive ints (not bools, floats or strings): anything else fails later, far
+        # from its cause (a modulo by zero, a math domain error, a float tensor size).
+        default = cls.__dataclass_fields__[key].default
+        if isinstance(default, str):
+            ok, wanted = isinstance(value, str), "a string"
+        elif isinstance(default, int):
+            ok, wanted = type(value) is int and value > 0, "a positive integer"
+        else:
+            ok, wanted = type(value) in (int, float) and value > 0, "a positive number"
+        if not ok:
+            raise ModelLoadError(f"{path}: {key} must be {wanted}, got {value!r}")
     try:
         return cls(**fields)
     except (AssertionError, TypeError) as exc:
@@ -138,15 +158,24 @@ def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 def build_module(architecture: str, config, state: dict[str, torch.Tensor], where: Path):
     cls = JinaBert if architecture == "jina_bert" else Bert
-    expected = cls.expected_keys(config)
-    missing = sorted(expected - state.keys())
+    expected = cls.expected_shapes(config)
+    missing = sorted(expected.keys() - state.keys())
     if missing:
         raise ModelLoadError(f"{where}: {len(missing)} weights missing, e.g. {missing[:4]}")
-    unused = sorted(k for k in state.keys() - expected if not k.startswith(IGNORED_KEY_PREFIXES))
+    unused = sorted(k for k in state.keys() - expected.keys() if not k.startswith(IGNORED_KEY_PREFIXES))
     if unused:
         raise ModelLoadError(
             f"{where}: {len(unused)} weights not used by the {architecture} architecture, e.g. {unused[:4]} "
             "(a different variant of the model?)"
+        )
+    misshapen = [
+        f"{k} {list(state[k].shape)}, expected {list(shape)}"
+        for k, shape in expected.items()
+        if tuple(state[k].shape) != shape
+    ]
+    if misshapen:
+        raise ModelLoadError(
+            f"{where}: {len(misshapen)} weights do not match the sizes in config.json, e.g. {misshapen[:3]}"
         )
     try:
         return cls.from_state_dict(config, state)
@@ -159,9 +188,12 @@ def load_tokenizer(folder: Path) -> tuple[Tokenizer, int, int]:
     special = {}
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
-        special = json.loads(config_path.read_text())
+        special = read_json_object(config_path)
     if (folder / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # the Rust side raises a bare Exception for malformed files
+            raise ModelLoadError(f"{folder / 'tokenizer.json'}: cannot read tokenizer ({exc})") from exc
     elif (folder / "vocab.txt").is_file():
         from tokenizers.implementations import BertWordPieceTokenizer
 
@@ -187,7 +219,7 @@ def max_tokens_of(folder: Path, config) -> int:
     """sentence-transformers' max_seq_length when the folder sets one, else the model's context."""
     path = folder / "sentence_bert_config.json"
     if path.is_file():
-        length = json.loads(path.read_text()).get("max_seq_length")
+        length = read_json_object(path).get("max_seq_length")
         if length:
             return min(int(length), config.max_position_embeddings)
     return config.max_position_embeddings
@@ -208,6 +240,12 @@ def load(name_or_path: str | os.PathLike | None, max_tokens: int | None = None) 
     state, weights_path = load_state(folder)
     module = build_module(architecture, config, state, weights_path)
     tokenizer, cls_id, sep_id = load_tokenizer(folder)
+    n_ids = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    if n_ids > config.vocab_size:  # else rare tokens would index past the embedding table at embed time
+        raise ModelLoadError(
+            f"{folder}: the tokenizer has {n_ids} token ids but config.json's vocab_size is only "
+            f"{config.vocab_size}"
+        )
     limit = max_tokens_of(folder, config)
     if max_tokens is not None:
         if not 2 < max_tokens <= config.max_position_embeddings:

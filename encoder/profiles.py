@@ -6,10 +6,11 @@ Prefixes are data, as in sentence-transformers' `prompts`: a model folder's own
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from encoder.loading import ModelLoadError, read_json_object
 
 POOLING_MODES = ("mean", "cls")
 KINDS = ("query", "document")
@@ -59,18 +60,20 @@ def _folder_pooling(folder: Path) -> str | None:
     path = folder / "1_Pooling" / "config.json"
     if not path.is_file():
         return None
-    config = json.loads(path.read_text())
+    config = read_json_object(path)
     if config.get("pooling_mode_mean_tokens"):
         return "mean"
     if config.get("pooling_mode_cls_token"):
         return "cls"
     modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode") and v)
-    raise ValueError(f"{path}: unsupported pooling {modes}; supported: {POOLING_MODES}")
+    raise ModelLoadError(f"{path}: unsupported pooling {modes}; supported: {POOLING_MODES}")
 
 
 def _folder_prompts(folder: Path) -> dict[str, str]:
     path = folder / "config_sentence_transformers.json"
     if not path.is_file():
         return {}
-    prompts = json.loads(path.read_text()).get("prompts") or {}
+    prompts = read_json_object(path).get("prompts") or {}
+    if not isinstance(prompts, dict):
+        raise ModelLoadError(f"{path}: prompts must be an object of name -> prefix, got {prompts!r}")
     return {str(k): str(v) for k, v in prompts.items()}
