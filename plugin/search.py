@@ -1,14 +1,11 @@
 """Search: top-k documents of a collection by their best chunk, with metadata filters and optional hybrid.
 
-One SQL statement walks the collection's HNSW index for the nearest chunks, keeps the best chunk per
-document and joins the document. Settings go in with set_config(..., is_local => true), so they last for
-this call's transaction only:
-- plan_cache_mode = force_custom_plan: a caller's connection may prepare statements server-side (psycopg
-  does after 5 runs by default); a generic plan cannot see the LIMIT or the vector and may sort the
-  whole table instead of using the index (ENVIRONMENT.md). Our own connections (plugin.db) do not
-  prepare at all.
-- hnsw.ef_search when asked; hnsw.iterative_scan = relaxed_order (pgvector >= 0.8) so a filter or many
-  chunks per document cannot starve the result: the index keeps producing candidates.
+The search itself is SQL, longembed.search_vector / longembed.search_hybrid
+(migrations/functions/015_search.sql), so Python, the CLI and SQL return the same documents with the same
+scores. Those functions build the statement per call and EXECUTE it, so PostgreSQL plans it with the real
+vector and LIMIT each time: a caller's prepared statements cannot pin a generic plan that sorts the whole
+table instead of walking the HNSW index (ENVIRONMENT.md). Here: validate arguments, embed a text query
+with the collection's model and query prefix, call the function.
 """
 
 from __future__ import annotations
@@ -19,15 +16,13 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from plugin.collections import Collection, get_collection
 
-SNIPPET_CHARS = 300
-RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+SNIPPET_CHARS = 300  # as in 015_search.sql
+
 MAX_K = 1000
-_MAX_CANDIDATES = 20000  # pgvector's default hnsw.max_scan_tuples
 
 
 @dataclass(frozen=True)
@@ -39,13 +34,6 @@ class SearchResult:
     char_end: int
     snippet: str  # the chunk's text, cut to SNIPPET_CHARS
     metadata: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class _Hit:
-    document_id: int
-    distance: float
-    result: SearchResult
 
 
 def search(
@@ -79,14 +67,14 @@ def search(
         raise ValueError("hybrid search needs a text query")
     vector = embed_query(target, text, model) if text is not None else _as_vector(query, target.dim)
 
-    with conn.transaction():
-        _configure(conn, ef_search)
-        if not hybrid:
-            return [hit.result for hit in _vector_hits(conn, target, vector, k, filter)]
-        pool = max(k, 50)
-        by_vector = _vector_hits(conn, target, vector, pool, filter)
-        by_text = _lexical_ranking(conn, target, text, pool, filter)
-        return _fuse(conn, target, vector, by_vector, by_text, k)
+    params = (target.name, vector, k, Jsonb(dict(filter)) if filter is not None else None, ef_search)
+    if hybrid:
+        rows = conn.execute(
+            "SELECT * FROM longembed.search_hybrid(%s, %s, %s, %s, %s, %s)", (target.name, text, *params[1:])
+        ).fetchall()
+    else:
+        rows = conn.execute("SELECT * FROM longembed.search_vector(%s, %s, %s, %s, %s)", params).fetchall()
+    return [SearchResult(*row) for row in rows]
 
 
 def embed_query(collection: Collection, text: str, model: Any = None) -> np.ndarray:
@@ -115,157 +103,3 @@ def _as_vector(query: Any, dim: int) -> np.ndarray:
     if not np.all(np.isfinite(vector)):
         raise ValueError("query vector has NaN or infinite values")
     return vector
-
-
-def _configure(conn: psycopg.Connection, ef_search: int | None) -> None:
-    """The settings of this transaction, in one round trip."""
-    settings = [sql.SQL("set_config('plan_cache_mode', 'force_custom_plan', true)")]
-    if ef_search is not None:
-        settings.append(sql.SQL("set_config('hnsw.ef_search', {}, true)").format(sql.Literal(str(ef_search))))
-    # Iterative index scans exist from pgvector 0.8 on; older servers reject the setting.
-    settings.append(
-        sql.SQL(
-            "CASE WHEN (SELECT string_to_array(extversion, '.')::int[] >= '{{0,8}}' FROM pg_extension "
-            "WHERE extname = 'vector') THEN set_config('hnsw.iterative_scan', 'relaxed_order', true) END"
-        )
-    )
-    conn.execute(sql.SQL("SELECT ") + sql.SQL(", ").join(settings))
-
-
-def _score(collection: Collection, distance: float) -> float:
-    # pgvector returns distances: cosine 1 - cos, ip the negated inner product, l2 the distance.
-    if collection.distance == "cosine":
-        return 1.0 - distance
-    return -distance
-
-
-def _candidates_sql(collection: Collection, filtered: bool) -> sql.Composed:
-    join = (
-        sql.SQL("JOIN longembed.documents fd ON fd.id = c.document_id AND fd.metadata @> %(filter)s")
-        if filtered
-        else sql.SQL("")
-    )
-    return sql.SQL(
-        """WITH cand AS MATERIALIZED (
-               SELECT c.document_id, c.ordinal, c.char_start, c.char_end, c.embedding {op} %(q)s AS distance
-               FROM {chunks} c {join}
-               ORDER BY c.embedding {op} %(q)s
-               LIMIT %(n)s),
-           best AS (SELECT DISTINCT ON (document_id) * FROM cand ORDER BY document_id, distance)
-           SELECT b.document_id, b.distance, d.external_id, b.ordinal, b.char_start, b.char_end,
-                  substr(d.text, b.char_start + 1, least(b.char_end - b.char_start, %(snippet)s)),
-                  d.metadata, (SELECT count(*) FROM cand)
-           FROM best b JOIN longembed.documents d ON d.id = b.document_id
-           ORDER BY b.distance, d.external_id
-           LIMIT %(k)s"""
-    ).format(op=collection.operator, chunks=collection.chunk_table, join=join)
-
-
-def _vector_hits(
-    conn: psycopg.Connection,
-    collection: Collection,
-    vector: np.ndarray,
-    k: int,
-    filter: Mapping[str, Any] | None,
-) -> list[_Hit]:
-    # Several chunks of one document can fill the candidate list: widen it until k documents come
-    # back or the index has nothing more to give.
-    query = _candidates_sql(collection, filter is not None)
-    params = {"q": vector, "k": k, "snippet": SNIPPET_CHARS, "filter": Jsonb(dict(filter or {}))}
-    n = max(4 * k, 40)
-    while True:
-        rows = conn.execute(query, params | {"n": n}).fetchall()
-        n_candidates = rows[0][-1] if rows else 0
-        if len(rows) >= k or n_candidates < n or n >= _MAX_CANDIDATES:
-            break
-        n = min(4 * n, _MAX_CANDIDATES)
-    return [
-        _Hit(
-            doc_id,
-            distance,
-            SearchResult(ext, _score(collection, distance), ordinal, start, end, snippet, meta),
-        )
-        for doc_id, distance, ext, ordinal, start, end, snippet, meta, _ in rows
-    ]
-
-
-def _lexical_ranking(
-    conn: psycopg.Connection, collection: Collection, text: str, n: int, filter: Mapping[str, Any] | None
-) -> list[int]:
-    """Document ids by full-text rank (websearch syntax), only documents that have vectors."""
-    rows = conn.execute(
-        sql.SQL(
-            """SELECT d.id FROM longembed.documents d,
-                      websearch_to_tsquery(%(cfg)s::regconfig, %(text)s) AS q
-               WHERE d.collection_id = %(cid)s AND d.tsv @@ q AND d.metadata @> %(filter)s
-                 AND EXISTS (SELECT 1 FROM {chunks} c WHERE c.document_id = d.id)
-               ORDER BY ts_rank_cd(d.tsv, q) DESC, d.id
-               LIMIT %(n)s"""
-        ).format(chunks=collection.chunk_table),
-        {
-            "cfg": collection.text_search_config,
-            "text": text,
-            "cid": collection.id,
-            "filter": Jsonb(dict(filter or {})),
-            "n": n,
-        },
-    ).fetchall()
-    return [row[0] for row in rows]
-
-
-def _fuse(
-    conn: psycopg.Connection,
-    collection: Collection,
-    vector: np.ndarray,
-    by_vector: list[_Hit],
-    by_text: list[int],
-    k: int,
-) -> list[SearchResult]:
-    fused: dict[int, float] = {}
-    for rank, doc_id in enumerate([hit.document_id for hit in by_vector], start=1):
-        fused[doc_id] = fused.get(doc_id, 0.0) + 1.0 / (RRF_K + rank)
-    for rank, doc_id in enumerate(by_text, start=1):
-        fused[doc_id] = fused.get(doc_id, 0.0) + 1.0 / (RRF_K + rank)
-    known = {hit.document_id: hit for hit in by_vector}
-    top = sorted(fused, key=lambda d: (-fused[d], known[d].distance if d in known else np.inf, d))[:k]
-    missing = [d for d in top if d not in known]
-    if missing:  # found by text only: its best chunk still comes from the vectors (exact, few rows)
-        rows = conn.execute(
-            sql.SQL(
-                """SELECT DISTINCT ON (c.document_id) c.document_id, c.embedding {op} %(q)s, d.external_id,
-                          c.ordinal, c.char_start, c.char_end,
-                          substr(d.text, c.char_start + 1, least(c.char_end - c.char_start, %(snippet)s)),
-                          d.metadata
-                   FROM {chunks} c JOIN longembed.documents d ON d.id = c.document_id
-                   WHERE c.document_id = ANY(%(ids)s)
-                   ORDER BY c.document_id, c.embedding {op} %(q)s"""
-            ).format(op=collection.operator, chunks=collection.chunk_table),
-            {"q": vector, "ids": missing, "snippet": SNIPPET_CHARS},
-        ).fetchall()
-        for doc_id, distance, ext, ordinal, start, end, snippet, meta in rows:
-            known[doc_id] = _Hit(doc_id, distance, SearchResult(ext, 0.0, ordinal, start, end, snippet, meta))
-    return [SearchResult(**{**known[d].result.__dict__, "score": fused[d]}) for d in top if d in known]
-
-
-def search_plan(
-    conn: psycopg.Connection,
-    collection: str | Collection,
-    vector: np.ndarray,
-    k: int = 10,
-    *,
-    filter: Mapping[str, Any] | None = None,
-    ef_search: int | None = None,
-) -> str:
-    """EXPLAIN of the vector search statement with search()'s settings (to check the index is used)."""
-    target = collection if isinstance(collection, Collection) else get_collection(conn, collection)
-    query = sql.SQL("EXPLAIN ") + _candidates_sql(target, filter is not None)
-    params = {
-        "q": _as_vector(vector, target.dim),
-        "k": k,
-        "snippet": SNIPPET_CHARS,
-        "filter": Jsonb(dict(filter or {})),
-        "n": max(4 * k, 40),
-    }
-    with conn.transaction():
-        _configure(conn, ef_search)
-        return "\n".join(row[0] for row in conn.execute(query, params).fetchall())
