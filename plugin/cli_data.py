@@ -20,6 +20,7 @@ import psycopg
 
 from plugin import db
 from plugin.collections import CollectionNotFound
+from plugin.server import resolve_dsn
 
 EXIT_ERROR = 1  # inputs skipped or documents failed
 EXIT_USAGE = 2  # bad arguments, unknown collection, no database
@@ -128,19 +129,6 @@ def _errors_to_exit_codes(fn: Callable[[argparse.Namespace], int]) -> Callable[[
             return EXIT_USAGE
 
     return run
-
-
-def resolve_dsn(args: argparse.Namespace) -> str:
-    """--dsn, then $LONGEMBED_DSN, then the embedded server (plugin.server, when installed)."""
-    if getattr(args, "dsn", None):
-        return args.dsn
-    if os.environ.get("LONGEMBED_DSN"):
-        return os.environ["LONGEMBED_DSN"]
-    try:
-        from plugin.server import resolve_dsn as server_dsn
-    except ImportError:
-        raise RuntimeError("no database: pass --dsn or set LONGEMBED_DSN") from None
-    return server_dsn(args)
 
 
 def _connect(args: argparse.Namespace, *, schema: bool = True) -> psycopg.Connection:
