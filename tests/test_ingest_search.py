@@ -325,8 +325,11 @@ def test_vectorized_user_table_follows_inserts_updates_deletes(conn, model):
     conn.execute(
         "INSERT INTO app.\"Tickets\" (body) VALUES ('The printer on floor two is jammed again'), (NULL)"
     )
-    with pytest.raises(ValueError, match="no table named"):
+    with pytest.raises(ValueError, match="invalid table name"):
         vectorize_table(conn, 'app.tickets"; DROP TABLE app."Tickets"; --', "id", "body", "tickets")
+    # Quoted names are case-sensitive: app.tickets is not app."Tickets".
+    with pytest.raises(ValueError, match=r"no table named 'app\.tickets'"):
+        vectorize_table(conn, "app.tickets", "id", "body", "tickets")
     with pytest.raises(ValueError, match="no column"):
         vectorize_table(conn, 'app."Tickets"', "id", "body; --", "tickets")
     assert vectorize_table(conn, 'app."Tickets"', "id", "body", "tickets") == 1  # backfill; NULL skipped

@@ -117,3 +117,91 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+-- Keep a collection in sync with a column of the user's table: one document per row (external id = the
+-- row's id column as text), row triggers for INSERT/UPDATE/DELETE and a TRUNCATE trigger. Existing rows
+-- are queued when p_backfill. Returns how many rows were queued. Identifiers go through regclass and
+-- format(%I/%L), never through string concatenation.
+CREATE OR REPLACE FUNCTION longembed.vectorize_table(
+    p_table regclass, p_id_column name, p_text_column name, p_collection text,
+    p_backfill boolean DEFAULT true)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_collection bigint;
+    v_kind       "char";
+    v_schema     name;
+    v_column     name;
+    v_queued     integer := 0;
+BEGIN
+    SELECT id INTO v_collection FROM longembed.collections WHERE name = p_collection;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'longembed: no collection named %', quote_literal(p_collection)
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT c.relkind, n.nspname INTO v_kind, v_schema
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+    IF v_kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'longembed: % is not a table', p_table USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF v_schema = 'longembed' THEN
+        RAISE EXCEPTION 'longembed: tables of schema longembed cannot be vectorized'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_column IN ARRAY ARRAY[p_id_column, p_text_column] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = p_table AND attname = v_column
+                       AND attnum > 0 AND NOT attisdropped) THEN
+            RAISE EXCEPTION 'longembed: table % has no column %', p_table, quote_ident(v_column)
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
+
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'longembed_vectorize_' || v_collection, p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'longembed_vectorize_' || v_collection || '_truncate',
+                   p_table);
+    EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW '
+                   'EXECUTE FUNCTION longembed.vectorize_trigger(%L, %L, %L)',
+                   'longembed_vectorize_' || v_collection, p_table, v_collection, p_id_column, p_text_column);
+    EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT '
+                   'EXECUTE FUNCTION longembed.vectorize_truncate(%L)',
+                   'longembed_vectorize_' || v_collection || '_truncate', p_table, v_collection);
+    INSERT INTO longembed.vectorized_tables (table_oid, id_column, text_column, collection_id)
+    VALUES (p_table, p_id_column, p_text_column, v_collection)
+    ON CONFLICT (table_oid) DO UPDATE SET id_column = excluded.id_column,
+        text_column = excluded.text_column, collection_id = excluded.collection_id;
+
+    IF p_backfill THEN
+        -- The same text conversion as the trigger (to_jsonb ->>), so both give identical ids.
+        EXECUTE format(
+            $q$SELECT count(*) FILTER (WHERE outcome <> 'unchanged')::integer
+               FROM (SELECT longembed.upsert_document($1, r.id, r.body, '{}'::jsonb) AS outcome
+                     FROM (SELECT to_jsonb(t) ->> $2 AS id, to_jsonb(t) ->> $3 AS body FROM %s t) r
+                     WHERE r.id IS NOT NULL AND btrim(coalesce(r.body, '')) <> '') x$q$, p_table)
+        INTO v_queued USING v_collection, p_id_column::text, p_text_column::text;
+    END IF;
+    RETURN v_queued;
+END;
+$$;
+
+-- Stop following a table; the documents already in the collection stay.
+CREATE OR REPLACE FUNCTION longembed.unvectorize_table(p_table regclass, p_collection text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_collection bigint;
+BEGIN
+    SELECT id INTO v_collection FROM longembed.collections WHERE name = p_collection;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'longembed: no collection named %', quote_literal(p_collection)
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'longembed_vectorize_' || v_collection, p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'longembed_vectorize_' || v_collection || '_truncate',
+                   p_table);
+    DELETE FROM longembed.vectorized_tables WHERE table_oid = p_table AND collection_id = v_collection;
+END;
+$$;
