@@ -5,13 +5,16 @@ the bundled MiniLM: documents/s end to end and the share of time spent in the da
 COPY of vectors, bookkeeping) against embedding.
 
 Part 2, search at --vectors (default 100k) vectors of 384 dimensions. The vectors are SYNTHETIC
-(embedding 100k real texts would take this CPU most of an hour): clustered unit vectors of low intrinsic
-dimension (see synthetic_vectors); queries come from the same distribution and are not in the table.
+(embedding 100k real texts would take this CPU most of an hour), two kinds (see synthetic_vectors):
+uniform random on the sphere (the worst case for a graph index) and clustered with low intrinsic
+dimension (closer to text embeddings). Queries come from the same distribution and are not in the table.
 Recall@10 is measured against exact search (numpy brute force over the same vectors).
 - index alone: the bare `ORDER BY embedding <=> q LIMIT 10` statement on the chunk table;
-- plugin.search() with a query vector (best chunk per document, join, snippet);
+- plugin.search() with a query vector (= SQL longembed.search_vector: best chunk per document, join,
+  snippet);
 - end to end from Python: plugin.search() with query text (includes embedding the query);
-- end to end from SQL: `SELECT * FROM longembed.search(...)` where that SQL function is installed.
+- end to end from SQL: `SELECT * FROM longembed.search(collection, text, 10)` (PL/Python embeds the
+  query in the backend), where that function is installed (server with plpython3u).
 
 Usage: python bench/bench_ingest_search.py --dsn postgresql://... [--vectors 100000] [--queries 300]
 A fresh database `longembed_bench_<random>` is created on that server and dropped at the end.
@@ -120,30 +123,36 @@ def bench_ingest(conn: psycopg.Connection, model, n_docs: int, batch_tokens: int
     }
 
 
-def synthetic_vectors(n: int, dim: int, seed: int, latent: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """n base vectors and 1,000 queries: unit vectors with low intrinsic dimension, like text embeddings.
+def synthetic_vectors(
+    kind: str, n: int, dim: int, seed: int, latent: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """n base vectors and 1,000 queries from the same distribution (queries are not in the base set).
 
-    Points are drawn around 1,000 cluster centres in a `latent`-dimensional space and mapped into `dim`
-    dimensions by a fixed random linear map, plus a little isotropic noise. (Uniform random vectors in 384
-    dimensions have no neighbourhood structure at all and are a worst case no real embedding model gives.)
+    "random": uniform on the unit sphere in `dim` dimensions: no neighbourhood structure at all, the
+    worst case for any graph index and unlike what an embedding model produces.
+    "clustered": low intrinsic dimension like text embeddings: points around 1,000 cluster centres in a
+    `latent`-dimensional space (clusters overlap: the spread within a cluster equals the spread of the
+    centres), mapped into `dim` dimensions by a fixed random linear map, plus a little isotropic noise.
     """
     rng = np.random.default_rng(seed)
+    if kind == "random":
+        v = rng.standard_normal((n + 1000, dim)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        return v[:n], v[n:]
     centres = rng.standard_normal((1000, latent)).astype(np.float32)
     mapping = rng.standard_normal((latent, dim)).astype(np.float32) / np.sqrt(latent)
 
     def draw(m: int) -> np.ndarray:
-        z = centres[rng.integers(0, len(centres), m)] + 0.5 * rng.standard_normal((m, latent)).astype(
-            np.float32
-        )
+        z = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, latent)).astype(np.float32)
         v = z @ mapping + 0.02 * rng.standard_normal((m, dim)).astype(np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
     return draw(n), draw(1000)
 
 
-def load_vectors(conn: psycopg.Connection, model, vectors: np.ndarray) -> tuple[object, list[int], float]:
-    """Collection "vectors" with one document and one chunk per vector; index built after the load."""
-    collection = create_collection(conn, "vectors", model.info)
+def load_vectors(conn: psycopg.Connection, model, name: str, vectors: np.ndarray) -> tuple[object, list[int]]:
+    """Collection `name` with one document and one chunk per vector; index built after the load."""
+    collection = create_collection(conn, name, model.info)
     index = sql.Identifier("longembed", f"chunks_{collection.id}_embedding_idx")
     t0 = time.perf_counter()
     conn.execute(sql.SQL("DROP INDEX {}").format(index))  # bulk load first, then build: much faster
@@ -176,21 +185,25 @@ def load_vectors(conn: psycopg.Connection, model, vectors: np.ndarray) -> tuple[
     )
     conn.execute(sql.SQL("ANALYZE {}").format(collection.chunk_table))
     build_seconds = time.perf_counter() - t0
-    print(f"  loaded {len(vectors):,} vectors in {load_seconds:.1f} s, HNSW build {build_seconds:.1f} s")
-    return collection, ids, build_seconds
+    print(
+        f"{name}: loaded {len(vectors):,} vectors in {load_seconds:.1f} s, HNSW build {build_seconds:.1f} s"
+    )
+    return collection, ids
 
 
 def recall(found: list[list[int]], truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
-def bench_search(conn, model, collection, ids, vectors, queries, ef_values) -> list[str]:
+def bench_index(conn, collection, ids, vectors, queries, ef_values) -> list[str]:
+    """Latency and recall@10 of the bare index statement and of plugin.search() with a query vector."""
     lines = []
     row_of_id = {doc_id: i for i, doc_id in enumerate(ids)}
     truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
     index_sql = sql.SQL("SELECT document_id FROM {} ORDER BY embedding <=> %s LIMIT 10").format(
         collection.chunk_table
     )
+    label = collection.name
     for ef in ef_values:
         conn.execute("SELECT set_config('hnsw.ef_search', %s, false)", (str(ef),))
         for q in queries[:20]:  # warm the index into shared buffers
@@ -201,8 +214,10 @@ def bench_search(conn, model, collection, ids, vectors, queries, ef_values) -> l
             rows = conn.execute(index_sql, (q,)).fetchall()
             times.append(time.perf_counter() - t0)
             found.append([row_of_id[r[0]] for r in rows])
-        lines.append(f"| index alone, ef_search {ef} | {percentiles(times)} | {recall(found, truth):.3f} |")
-
+        lines.append(
+            f"| {label} | index alone (SQL statement), ef_search {ef} | {percentiles(times)} "
+            f"| {recall(found, truth):.3f} |"
+        )
         times, found = [], []
         for q in queries:
             t0 = time.perf_counter()
@@ -210,11 +225,28 @@ def bench_search(conn, model, collection, ids, vectors, queries, ef_values) -> l
             times.append(time.perf_counter() - t0)
             found.append([int(r.external_id[1:]) for r in results])
         lines.append(
-            f"| plugin.search(vector), ef_search {ef} | {percentiles(times)} | {recall(found, truth):.3f} |"
+            f"| {label} | plugin.search(vector) = longembed.search_vector, ef_search {ef} "
+            f"| {percentiles(times)} | {recall(found, truth):.3f} |"
         )
     conn.execute("RESET hnsw.ef_search")
+    exact_times = []
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_indexscan = off")
+        for q in queries[:20]:
+            t0 = time.perf_counter()
+            conn.execute(index_sql, (q,)).fetchall()
+            exact_times.append(time.perf_counter() - t0)
+    lines.append(
+        f"| {label} | exact search in PostgreSQL (index off, 20 queries) | {percentiles(exact_times)} | 1 |"
+    )
+    return lines
 
-    texts = [f"how do I configure feature number {i} of the system" for i in range(len(queries))]
+
+def bench_end_to_end(conn, model, collection, n_queries: int) -> list[str]:
+    """Query text in, ranked documents out (recall as the index: the query vector is deterministic)."""
+    lines = []
+    label = collection.name
+    texts = [f"how do I configure feature number {i} of the system" for i in range(n_queries)]
     model.embed(texts[:5], kind="query")
     times, embed_times = [], []
     for text in texts:
@@ -224,33 +256,21 @@ def bench_search(conn, model, collection, ids, vectors, queries, ef_values) -> l
         t0 = time.perf_counter()
         search(conn, collection, text, k=10, model=model)
         times.append(time.perf_counter() - t0)
-    lines.append(f"| end to end, Python: plugin.search(text) | {percentiles(times)} | (as the index) |")
-    lines.append(f"| of which embedding the query alone | {percentiles(embed_times)} | |")
-
-    has_sql = conn.execute("SELECT to_regproc('longembed.search') IS NOT NULL").fetchone()[0]
-    if has_sql:
-        conn.execute("SELECT * FROM longembed.search('vectors', 'warm up', 10)").fetchall()
+    lines.append(f"| {label} | end to end, Python: plugin.search(text) | {percentiles(times)} | as index |")
+    lines.append(f"| {label} | (embedding the query alone, Python) | {percentiles(embed_times)} | |")
+    if conn.execute("SELECT to_regproc('longembed.search') IS NOT NULL").fetchone()[0]:
+        statement = "SELECT * FROM longembed.search(%s, %s, 10)"
+        conn.execute(statement, (collection.name, "warm up the backend's model")).fetchall()
         times = []
         for text in texts:
             t0 = time.perf_counter()
-            conn.execute("SELECT * FROM longembed.search('vectors', %s, 10)", (text,)).fetchall()
+            conn.execute(statement, (collection.name, text)).fetchall()
             times.append(time.perf_counter() - t0)
-        lines.append(f"| end to end, SQL: longembed.search(text) | {percentiles(times)} | (as the index) |")
-    else:
         lines.append(
-            "| end to end, SQL | not measured: longembed.search() is not installed in this database | |"
+            f"| {label} | end to end, SQL: longembed.search(text) | {percentiles(times)} | as index |"
         )
-
-    exact_times = []
-    with conn.transaction():
-        conn.execute("SET LOCAL enable_indexscan = off")
-        for q in queries[:20]:
-            t0 = time.perf_counter()
-            conn.execute(index_sql, (q,)).fetchall()
-            exact_times.append(time.perf_counter() - t0)
-    lines.append(
-        f"| exact search in PostgreSQL (index off, 20 queries) | {percentiles(exact_times)} | 1.000 |"
-    )
+    else:
+        lines.append(f"| {label} | end to end, SQL | not measured: no longembed.search() (no plpython3u) | |")
     return lines
 
 
@@ -264,6 +284,10 @@ def main() -> int:
     parser.add_argument("--vectors", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--ef", type=int, nargs="+", default=[40, 100])
+    parser.add_argument(
+        "--datasets", nargs="+", choices=("random", "clustered"), default=["random", "clustered"]
+    )
+    parser.add_argument("--e2e-queries", type=int, default=100, help="text queries for the end-to-end rows")
     args = parser.parse_args()
 
     name = f"longembed_bench_{uuid.uuid4().hex[:8]}"
@@ -291,15 +315,18 @@ def main() -> int:
                 f"database {100 * ing['db_share']:.1f}% of the time, embedding "
                 f"{100 * ing['embed_seconds'] / ing['seconds']:.1f}%, other {100 * ing['other_share']:.1f}%"
             )
-            vectors, queries = synthetic_vectors(args.vectors, model.info.dim, seed=0)
-            collection, ids, _ = load_vectors(conn, model, vectors)
             print(
-                "| search path (k=10, "
-                + f"{args.vectors:,} vectors, {args.queries} queries) | latency | recall@10 |"
+                f"| data | search path (k=10, {args.vectors:,} vectors, {args.queries} queries) | latency "
+                "| recall@10 |"
             )
-            print("|---|---|---|")
-            for line in bench_search(conn, model, collection, ids, vectors, queries[: args.queries], args.ef):
-                print(line)
+            print("|---|---|---|---|")
+            for kind in args.datasets:
+                vectors, queries = synthetic_vectors(kind, args.vectors, model.info.dim, seed=0)
+                collection, ids = load_vectors(conn, model, kind, vectors)
+                for line in bench_index(conn, collection, ids, vectors, queries[: args.queries], args.ef):
+                    print(line, flush=True)
+            for line in bench_end_to_end(conn, model, collection, args.e2e_queries):
+                print(line, flush=True)
     finally:
         with psycopg.connect(args.dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
