@@ -1,22 +1,103 @@
-"""Pick the Triton kernel or the PyTorch path for each op."""
+"""Pick the Triton kernel or the PyTorch path for each op.
+
+LONGEMBED_KERNELS (read at every call):
+- `auto` (default): Triton for CUDA tensors in fp16/bf16 with a head_dim the kernel has (32/64/128)
+  when Triton imports; PyTorch otherwise. fp32 on CUDA stays on PyTorch: the GPU encoder runs in
+  bf16/fp16, and an exact fp32 flash kernel would run without tensor cores, no faster than SDPA.
+- `triton`: always the kernels (fp32 included, with IEEE dot products); unsupported input is an
+  error, not a silent fallback. CPU tensors run through Triton's interpreter when TRITON_INTERPRET=1
+  (slow: for tests), and are refused otherwise.
+- `torch`: always the PyTorch path.
+
+Triton decides between compiled and interpreted kernels when a kernel is *decorated* (module import),
+not at launch. So interpreter runs use private copies of the kernel modules executed with the
+interpreter switched on, and the compiled modules stay untouched: CPU tests and GPU runs can share a
+process whatever was imported first.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from triton_kernels.torch_ops import mean_pool_normalize_torch, varlen_attention_torch
 
 _CHOICES = ("auto", "triton", "torch")
+_KERNEL_MODULES = ("flash_attention", "pooling")
 
 
-def backend(device: torch.device) -> str:
-    """'triton' or 'torch' for tensors on `device`, honouring LONGEMBED_KERNELS."""
+def _choice() -> str:
     choice = os.environ.get("LONGEMBED_KERNELS", "auto").lower()
     if choice not in _CHOICES:
         raise ValueError(f"LONGEMBED_KERNELS must be one of {_CHOICES}, got {choice!r}")
-    return "torch" if choice == "auto" else choice
+    return choice
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the `triton` package can be imported (it is optional on CPU installs)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def backend(device: torch.device) -> str:
+    """'triton' or 'torch' for tensors on `device`, honouring LONGEMBED_KERNELS (dtype rules aside)."""
+    choice = _choice()
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return choice
+
+
+def _use_triton(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> bool:
+    if backend(device) == "torch":
+        return False
+    if _choice() == "triton":
+        return True
+    return dtype in (torch.float16, torch.bfloat16) and (head_dim is None or head_dim in (32, 64, 128))
+
+
+@functools.cache
+def _interpreted_modules() -> dict[str, ModuleType]:
+    """Copies of the kernel modules whose @triton.jit functions run on the CPU interpreter."""
+    from triton import knobs
+
+    modules = {}
+    with knobs.runtime.scope():  # restores TRITON_INTERPRET and the knob afterwards
+        knobs.runtime.interpret = True
+        for name in _KERNEL_MODULES:
+            path = Path(__file__).with_name(f"{name}.py")
+            spec = importlib.util.spec_from_file_location(f"triton_kernels._interpreted_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            modules[name] = module
+    return modules
+
+
+def triton_modules(device: torch.device) -> dict[str, ModuleType]:
+    """The kernel modules for tensors on `device`: {'flash_attention': ..., 'pooling': ...}."""
+    if not triton_available():
+        raise RuntimeError(
+            "LONGEMBED_KERNELS=triton needs the `triton` package (pip install 'longembed[gpu]')"
+        )
+    if _interpreting():
+        return _interpreted_modules()
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors, got {device}; set LONGEMBED_KERNELS=torch (or auto), "
+            "or TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter (slow, for tests)"
+        )
+    import triton_kernels.flash_attention
+    import triton_kernels.pooling
+
+    return {"flash_attention": triton_kernels.flash_attention, "pooling": triton_kernels.pooling}
 
 
 def attention(
@@ -29,9 +110,14 @@ def attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention on packed (total_tokens, heads, head_dim) tensors."""
+    if _use_triton(q.device, q.dtype, q.shape[-1]):
+        kernels = triton_modules(q.device)["flash_attention"]
+        return kernels.alibi_flash_attention(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale)
     return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale)
 
 
 def mean_pool_normalize(hidden: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
     """Per-span mean (fp32 accumulation) fused with L2 normalisation; (m, dim) float32."""
+    if _use_triton(hidden.device, hidden.dtype):
+        return triton_modules(hidden.device)["pooling"].segment_mean_pool_normalize(hidden, spans)
     return mean_pool_normalize_torch(hidden, spans)

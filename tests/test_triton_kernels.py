@@ -1,0 +1,286 @@
+"""Triton kernels vs their naive PyTorch references.
+
+CPU runs use Triton's interpreter (TRITON_INTERPRET=1, small shapes; fp32/fp16 because the
+interpreter's bf16 `tl.dot` is wrong). The variable is set per test with monkeypatch, never for the
+whole process: `dispatch.triton_modules` executes private interpreter copies of the kernel modules, so
+it does not matter whether Triton or the compiled kernels were imported earlier. Tests marked `gpu`
+run the compiled kernels on CUDA and skip without it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from encoder.jina_bert import alibi_slopes
+from triton_kernels import dispatch, segment_spans
+from triton_kernels.flash_attention import alibi_attention_reference
+from triton_kernels.pooling import segment_mean_pool_normalize_reference
+from triton_kernels.torch_ops import mean_pool_normalize_torch, varlen_attention_torch
+
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Segment-length mixes: one token; odd lengths; lengths off the interpreter's 16-row tile;
+# one long segment among many short ones; a single sequence exactly one tile long.
+LENGTH_MIXES = {
+    "single-token": [1],
+    "odd": [3, 17, 1, 31],
+    "off-tile": [15, 16, 33],
+    "long-and-short": [70, 1, 2, 5, 3, 9],
+    "one-tile": [16],
+}
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return dispatch.triton_modules(CPU)
+
+
+def packed_qkv(lengths: list[int], heads: int, head_dim: int, dtype: torch.dtype, device=CPU, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (
+        torch.randn(total, heads, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(3)
+    )
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("mix", LENGTH_MIXES)
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("alibi", [True, False])
+def test_attention_matches_reference(interpreter, mix, head_dim, dtype, alibi):
+    lengths = LENGTH_MIXES[mix]
+    heads = 3  # not a power of two: the slope sequence interleaves
+    q, k, v, cu = packed_qkv(lengths, heads, head_dim, dtype)
+    slopes = alibi_slopes(heads) if alibi else None
+    out = interpreter["flash_attention"].alibi_flash_attention(q, k, v, cu, max(lengths), slopes)
+    expected = alibi_attention_reference(q, k, v, cu, max(lengths), slopes)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_alibi_changes_the_result_and_scale_is_honoured(interpreter):
+    # Guards against a kernel that ignores the bias or the scale yet matches a reference that does too.
+    q, k, v, cu = packed_qkv([40], 2, 32, torch.float32)
+    attn = interpreter["flash_attention"].alibi_flash_attention
+    slopes = torch.tensor([0.5, 0.25])
+    plain, biased = attn(q, k, v, cu, 40), attn(q, k, v, cu, 40, slopes)
+    assert (plain - biased).abs().max() > 0.1
+    scaled = attn(q, k, v, cu, 40, slopes, scale=0.05)
+    torch.testing.assert_close(scaled, alibi_attention_reference(q, k, v, cu, 40, slopes, scale=0.05))
+    assert (scaled - biased).abs().max() > 0.1
+
+
+def test_segments_do_not_attend_across_boundaries(interpreter):
+    # Changing one sequence's keys/values must leave every other sequence's output unchanged.
+    q, k, v, cu = packed_qkv([7, 20, 5], 2, 64, torch.float32)
+    attn = interpreter["flash_attention"].alibi_flash_attention
+    before = attn(q, k, v, cu, 20, torch.tensor([0.5, 0.125]))
+    k2, v2 = k.clone(), v.clone()
+    k2[7:27] += 3.0
+    v2[7:27] -= 2.0
+    after = attn(q, k2, v2, cu, 20, torch.tensor([0.5, 0.125]))
+    torch.testing.assert_close(after[:7], before[:7], atol=0, rtol=0)
+    torch.testing.assert_close(after[27:], before[27:], atol=0, rtol=0)
+    assert (after[7:27] - before[7:27]).abs().max() > 0.1
+
+
+def test_attention_on_strided_qkv_views(interpreter):
+    # The encoder passes q, k, v as views into one fused (T, 3, heads, d) projection.
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(29, 3, 2, 32, generator=gen)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0, 12, 29], dtype=torch.int32)
+    slopes = torch.tensor([0.5, 0.0625])
+    out = interpreter["flash_attention"].alibi_flash_attention(q, k, v, cu, 17, slopes)
+    expected = alibi_attention_reference(q.contiguous(), k.contiguous(), v.contiguous(), cu, 17, slopes)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_reference_agrees_with_the_torch_fast_path():
+    # The naive reference and the SDPA path are independent implementations of the same maths.
+    q, k, v, cu = packed_qkv([5, 600, 33], 4, 32, torch.float32)
+    slopes = alibi_slopes(4)
+    fast = varlen_attention_torch(q, k, v, cu, 600, slopes)
+    torch.testing.assert_close(
+        fast, alibi_attention_reference(q, k, v, cu, 600, slopes), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (
+            lambda q, k, v, cu: (
+                q[..., :48].contiguous(),
+                k[..., :48].contiguous(),
+                v[..., :48].contiguous(),
+                cu,
+            ),
+            "head_dim",
+        ),
+        (lambda q, k, v, cu: (q.double(), k.double(), v.double(), cu), "dtype"),
+        (lambda q, k, v, cu: (q, k.half(), v, cu), "dtype"),
+        (lambda q, k, v, cu: (q, k, v, cu.long()), "int32"),
+        (lambda q, k, v, cu: (q, k[:-1], v, cu), "shape"),
+        (lambda q, k, v, cu: (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu), "contiguous"),
+        (lambda q, k, v, cu: (q, k, v, torch.tensor([0, 5, 100], dtype=torch.int32)), "total_tokens"),
+        (lambda q, k, v, cu: (q, k, v, torch.tensor([0, 30, 20], dtype=torch.int32)), "total_tokens"),
+    ],
+)
+def test_attention_rejects_bad_input(interpreter, change, error):
+    q, k, v, cu = packed_qkv([8, 12], 2, 64, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=error):
+        interpreter["flash_attention"].alibi_flash_attention(*change(q, k, v, cu), 12)
+
+
+def test_attention_rejects_wrong_slopes(interpreter):
+    q, k, v, cu = packed_qkv([8], 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        interpreter["flash_attention"].alibi_flash_attention(q, k, v, cu, 8, torch.ones(3))
+
+
+def test_attention_empty_batch(interpreter):
+    q, k, v, cu = packed_qkv([], 2, 32, torch.float16)
+    out = interpreter["flash_attention"].alibi_flash_attention(q, k, v, cu, 0)
+    assert out.shape == (0, 2, 32)
+
+
+POOL_SPANS = {
+    "whole-sequences": [(0, 1), (1, 18), (18, 50)],
+    "overlapping-chunks": [(0, 20), (10, 30), (25, 50), (0, 50)],
+    "single-rows": [(49, 50), (0, 1), (17, 18)],
+}
+
+
+@pytest.mark.parametrize("spans", POOL_SPANS)
+@pytest.mark.parametrize("dim", [32, 48, 384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pooling_matches_reference(interpreter, spans, dim, dtype):
+    gen = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(50, dim, generator=gen) + 0.5).to(dtype)  # a non-zero mean, like real states
+    span_t = torch.tensor(POOL_SPANS[spans])
+    out = interpreter["pooling"].segment_mean_pool_normalize(hidden, span_t)
+    expected = segment_mean_pool_normalize_reference(hidden, span_t)
+    assert out.dtype == torch.float32 and out.shape == (len(span_t), dim)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)  # both accumulate in fp32
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(len(span_t)), atol=1e-5, rtol=0)
+
+
+def test_pooling_reference_agrees_with_torch_fast_path():
+    hidden = torch.randn(40, 16)
+    spans = torch.tensor([(0, 40), (3, 9), (5, 6)])
+    torch.testing.assert_close(
+        mean_pool_normalize_torch(hidden, spans), segment_mean_pool_normalize_reference(hidden, spans)
+    )
+
+
+@pytest.mark.parametrize(
+    ("spans", "error"),
+    [
+        (torch.tensor([(3, 3)]), "at least one token"),
+        (torch.tensor([(5, 2)]), "at least one token"),
+        (torch.tensor([(0, 11)]), "at least one token"),
+        (torch.tensor([(-1, 2)]), "at least one token"),
+        (torch.tensor([0, 2]), r"\(m, 2\)"),
+        (torch.tensor([(0.0, 2.0)]), "integer"),
+    ],
+)
+def test_pooling_rejects_bad_spans(interpreter, spans, error):
+    with pytest.raises(ValueError, match=error):
+        interpreter["pooling"].segment_mean_pool_normalize(torch.randn(10, 32), spans)
+
+
+def test_pooling_no_spans(interpreter):
+    assert interpreter["pooling"].segment_mean_pool_normalize(
+        torch.randn(10, 32), torch.zeros(0, 2, dtype=torch.long)
+    ).shape == (0, 32)
+
+
+# --- dispatcher ---------------------------------------------------------------------------------
+
+
+def test_dispatch_backends(monkeypatch):
+    monkeypatch.delenv("LONGEMBED_KERNELS", raising=False)
+    assert dispatch.backend(CPU) == "torch"
+    assert dispatch.backend(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("LONGEMBED_KERNELS", "torch")
+    assert dispatch.backend(torch.device("cuda")) == "torch"
+    monkeypatch.setenv("LONGEMBED_KERNELS", "TRITON")
+    assert dispatch.backend(CPU) == "triton"
+    monkeypatch.setenv("LONGEMBED_KERNELS", "fast")
+    with pytest.raises(ValueError, match="LONGEMBED_KERNELS"):
+        dispatch.backend(CPU)
+
+
+def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LONGEMBED_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, cu = packed_qkv([4], 2, 32, torch.float32)
+    with pytest.raises(RuntimeError, match=r"need CUDA tensors.*TRITON_INTERPRET=1"):
+        dispatch.attention(q, k, v, cu, 4)
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        dispatch.mean_pool_normalize(q[:, 0], torch.tensor([(0, 4)]))
+
+
+def test_forced_triton_runs_the_interpreter_and_matches_torch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v, cu = packed_qkv([9, 21], 2, 32, torch.float32)
+    slopes = alibi_slopes(2)
+    spans = segment_spans(cu)
+    monkeypatch.setenv("LONGEMBED_KERNELS", "torch")
+    attn_torch, pool_torch = (
+        dispatch.attention(q, k, v, cu, 21, slopes),
+        dispatch.mean_pool_normalize(q[:, 0], spans),
+    )
+    monkeypatch.setenv("LONGEMBED_KERNELS", "triton")
+    torch.testing.assert_close(dispatch.attention(q, k, v, cu, 21, slopes), attn_torch, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dispatch.mean_pool_normalize(q[:, 0], spans), pool_torch)
+    # The interpreter copies live beside, not in place of, the compiled module other callers import.
+    copy = dispatch._interpreted_modules()["flash_attention"]
+    assert copy.__name__ != "triton_kernels.flash_attention"
+    assert sys.modules.get("triton_kernels.flash_attention") is not copy
+
+
+# --- GPU (compiled kernels; skipped without CUDA) -----------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("lengths", [[1, 300, 7, 1025, 64], [2048], [37] * 40])
+def test_gpu_attention_matches_reference(monkeypatch, dtype, head_dim, lengths):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernels = dispatch.triton_modules(torch.device("cuda"))["flash_attention"]
+    q, k, v, cu = packed_qkv(lengths, 12, head_dim, dtype, device=torch.device("cuda"))
+    slopes = alibi_slopes(12).cuda()
+    for s in (slopes, None):
+        out = kernels.alibi_flash_attention(q, k, v, cu, max(lengths), s)
+        expected = alibi_attention_reference(q, k, v, cu, max(lengths), s)
+        torch.testing.assert_close(
+            out.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]
+        )
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_pooling_matches_reference(monkeypatch, dtype):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pooling = dispatch.triton_modules(torch.device("cuda"))["pooling"]
+    hidden = torch.randn(9000, 768, device="cuda").to(dtype)
+    spans = torch.tensor([(0, 8192), (8192, 8193), (100, 612), (8193, 9000)], device="cuda")
+    out = pooling.segment_mean_pool_normalize(hidden, spans)
+    torch.testing.assert_close(
+        out, segment_mean_pool_normalize_reference(hidden, spans), atol=1e-5, rtol=1e-4
+    )
