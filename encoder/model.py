@@ -236,6 +236,13 @@ def _check_texts(texts: Seq[str]) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+        if not text.isascii():  # lone surrogates (legal in JSON strings) cannot reach the tokenizer
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"texts[{i}] is not valid Unicode: {exc.reason} at character {exc.start}"
+                ) from None
     return texts
 
 

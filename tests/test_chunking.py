@@ -239,3 +239,10 @@ def test_a_prefix_shrinks_the_window(model):
     [[cut]] = model.embed_chunks(["word " * (room + 1)], mode="full", instruction=instruction)
     assert (fits.truncated, fits.n_tokens) == (False, room)
     assert (cut.truncated, cut.n_tokens) == (True, room)
+
+
+def test_text_that_is_not_valid_unicode(model):
+    """A lone surrogate (valid in a JSON string, not in UTF-8) gets an error naming the text."""
+    for call in (model.embed, model.embed_chunks):
+        with pytest.raises(ValueError, match=r"texts\[1\]"):
+            call(["fine", "broken \ud800 text"])

@@ -415,3 +415,31 @@ def test_bad_kind_and_instruction(jina):
         model.embed(["x"], kind="passage")
     with pytest.raises(TypeError, match="instruction"):
         model.embed(["x"], instruction=b"query: ")
+
+
+def test_pytorch_bin_that_is_not_a_state_dict(jina):
+    folder, _, _ = jina
+    (folder / "model.safetensors").unlink()
+    torch.save([torch.zeros(3)], folder / "pytorch_model.bin")
+    expect_error(folder, "pytorch_model.bin", "not a state dict")
+
+
+@pytest.mark.parametrize("length", ["abc", -5, 2, True])
+def test_invalid_max_seq_length(tmp_path, length):
+    folder = minilm_copy(tmp_path / "minilm")
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": length}))
+    expect_error(folder, "max_seq_length", repr(length))
+
+
+def test_hub_cache_snapshot_folder_is_named_by_its_repo(tmp_path):
+    """A path into the Hugging Face cache ends in a commit hash; the family is in the folder above."""
+    snapshot = (
+        tmp_path
+        / "hub"
+        / "models--BAAI--bge-small-en-v1.5"
+        / "snapshots"
+        / "5c38ec7c405ec4b44b94cc5a9bb96e735b38267a"
+    )
+    model = load_model(minilm_copy(snapshot), device="cpu")
+    assert model.info.name == "BAAI/bge-small-en-v1.5"
+    assert (model.info.pooling, model.info.prefixes["query"]) == ("cls", BGE_QUERY)
