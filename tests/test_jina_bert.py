@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -295,3 +296,45 @@ def test_mean_pool_reference_ignores_padding():
     hidden = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]]], dtype=torch.float64)
     pooled = mean_pool_l2(hidden, torch.tensor([[1, 1, 0]]))
     np.testing.assert_allclose(pooled.numpy(), [[2.0 / np.hypot(2.0, 2.0), 2.0 / np.hypot(2.0, 2.0)]])
+
+
+def test_equal_length_runs_and_small_budgets_match_reference(jina4):
+    """Sequences of equal length are attended as one batch: runs of them, cut by token budgets."""
+    model, folder, config, state = jina4
+    texts = ["word " * k for k in (5, 5, 5, 9, 9, 1, 1, 1, 1, 30, 5, 9)] + ["ice cream", "cold snow"]
+    reference = reference_embed(folder, state, config, texts).numpy()
+    for budget in (16, 40, 1 << 16):
+        assert np.abs(model.embed(texts, batch_tokens=budget) - reference).max() <= 1e-5, budget
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_triton_kernels_in_the_interpreter_match_reference(tmp_path, monkeypatch):
+    """The GPU path (flash ALiBi attention + span pooling kernels) run by Triton's CPU interpreter
+    through the whole model, against the same reference; head_dim 32 is one the kernel has."""
+    config = jina_config(2, 64)
+    state = write_checkpoint(tmp_path, config)
+    model = load_model(tmp_path, device="cpu")
+    monkeypatch.setenv("LONGEMBED_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    texts = ["", "a", "hello world", LONG_DOC[:300], "naïve café in 北京"]
+    reference = reference_embed(tmp_path, state, config, texts).numpy()
+    assert np.abs(model.embed(texts) - reference).max() <= 1e-5
+    [chunks] = model.embed_chunks([LONG_DOC[:300]], mode="late", chunk_tokens=20, overlap=5)
+    ids = _encode(tmp_path, LONG_DOC[:300])
+    cls, sep = _encode(tmp_path, "[CLS] [SEP]")
+    spans = [(1 + a, 1 + b) for a, b in _windows(len(ids), 20, 5)]
+    expected = _span_means(state, config, [cls, *ids, sep], spans)
+    assert np.abs(np.stack([c.vector for c in chunks]) - expected).max() <= 1e-5
+
+
+def test_bf16_keeps_fp32_slopes_and_stays_close(checkpoints):
+    """Slopes multiply distances up to 8191: casting the model to bf16 must not round them."""
+    folder, config, state = checkpoints[8]
+    model = load_model(folder, device="cpu", dtype="bf16")
+    assert model.module.word_embeddings.weight.dtype == torch.bfloat16
+    assert torch.equal(model.module.slopes, torch.tensor(EXPECTED_SLOPES[8], dtype=torch.float32))
+    texts = ["word " * 500, *TEXTS]
+    reference = reference_embed(folder, state, config, texts).numpy()
+    got = model.embed(texts)
+    assert got.dtype == np.float32
+    assert (got * reference).sum(axis=1).min() >= 0.999
