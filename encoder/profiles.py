@@ -74,6 +74,6 @@ def _folder_prompts(folder: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     prompts = read_json_object(path).get("prompts") or {}
-    if not isinstance(prompts, dict):
-        raise ModelLoadError(f"{path}: prompts must be an object of name -> prefix, got {prompts!r}")
-    return {str(k): str(v) for k, v in prompts.items()}
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ModelLoadError(f"{path}: prompts must be an object of name -> prefix string, got {prompts!r}")
+    return prompts

@@ -325,6 +325,8 @@ def test_bge_folder_gets_cls_pooling_and_query_prefix(tmp_path):
     assert np.abs(documents - reference(ORDINARY_TEXTS)).max() <= 1e-5
     assert np.abs(queries - reference([BGE_QUERY + t for t in ORDINARY_TEXTS])).max() <= 1e-5
     assert np.abs(queries - documents).max() > 1e-2
+    with pytest.raises(ValueError, match="late chunking needs mean pooling"):
+        model.embed_chunks(ORDINARY_TEXTS, mode="late")
 
 
 def test_e5_folder_gets_query_and_passage_prefixes(tmp_path):
@@ -342,6 +344,12 @@ def test_e5_folder_gets_query_and_passage_prefixes(tmp_path):
         model.embed(ORDINARY_TEXTS, kind="query", instruction="passage: "),
         atol=1e-6,
     )
+    # Chunks get the prefix too; their spans are in the text alone.
+    text = " ".join(ORDINARY_TEXTS * 4)
+    [chunks] = model.embed_chunks([text], mode="chunk", chunk_tokens=24, overlap=4, kind="query")
+    assert len(chunks) >= 3
+    alone = model.embed([text[c.start : c.end] for c in chunks], kind="query")
+    assert np.abs(np.stack([c.vector for c in chunks]) - alone).max() <= 1e-5
     # An explicit empty instruction means no prefix at all, whatever the profile says.
     plain = load_model(minilm_folder(), device="cpu").embed(ORDINARY_TEXTS)
     np.testing.assert_allclose(model.embed(ORDINARY_TEXTS, kind="query", instruction=""), plain, atol=1e-6)
@@ -390,6 +398,8 @@ def test_invalid_sentence_transformers_files(tmp_path):
     folder = minilm_copy(tmp_path / "minilm", with_pooling=True)
     (folder / "config_sentence_transformers.json").write_text('{"prompts": ["query: "]}')
     expect_error(folder, "config_sentence_transformers.json")
+    (folder / "config_sentence_transformers.json").write_text('{"prompts": {"query": null}}')
+    expect_error(folder, "config_sentence_transformers.json", "query")
     (folder / "config_sentence_transformers.json").write_text("{")
     expect_error(folder, "config_sentence_transformers.json")
     (folder / "config_sentence_transformers.json").unlink()
