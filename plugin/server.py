@@ -422,6 +422,7 @@ class EmbeddedServer:
         """Start the server (initialising it on first use); a no-op when it already runs."""
         if self.running_pid() is not None:
             return self.status()
+        chosen = self._choose_port(port)  # a bad or busy port fails before anything is written
         self.ensure_service_user()
         self.ensure_home()
         bin_dir = self.pginstall() / "bin"
@@ -437,7 +438,6 @@ class EmbeddedServer:
             # Left by a crash; its pid now names another process (or none). PostgreSQL would refuse
             # to start while that pid lives, so the file goes.
             (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
-        chosen = self._choose_port(port)
         self._write_settings(chosen)
         result = self._pg_ctl(
             "start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.log_file), "-s", check=False

