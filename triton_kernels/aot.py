@@ -89,11 +89,11 @@ def attention_variants() -> list[Variant]:
 
 def pooling_variants() -> list[Variant]:
     variants = []
+    tiles = sorted({(*pooling.pool_config(dim), triton.next_power_of_2(dim)) for dim in POOL_DIMS})
     for arch in ARCHS:
         for dtype in DTYPES:
-            for dim in POOL_DIMS:
-                block_t, warps = pooling.pool_config(dim)
-                consts = {"BLOCK_T": block_t, "BLOCK_D": triton.next_power_of_2(dim)}
+            for block_t, warps, block_d in tiles:
+                consts = {"BLOCK_T": block_t, "BLOCK_D": block_d}
                 variants.append(Variant("pooling", dtype, arch, tuple(consts.items()), warps, 3))
     return variants
 
