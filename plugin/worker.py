@@ -126,6 +126,7 @@ class Worker:
         cfg = self.config
         t0 = time.perf_counter()
         collections = self._collections()
+        self.token = queue.new_token()  # one per claim: results are written only under it
         items = queue.claim(
             self.conn, self.token, list(collections), limit=self._limit, lease_seconds=cfg.lease_seconds
         )
