@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plugin import cli_data, cli_embed, cli_server
+from plugin import cli_data, cli_embed, cli_quickstart, cli_server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_embed.add_commands(sub)
     cli_server.add_commands(sub)
     cli_data.add_commands(sub)
+    cli_quickstart.add_commands(sub)
     return parser
 
 
