@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
     print("\nTry it in SQL (`longembed psql`):")
     if sql_embed:
         print(
-            f"  SELECT external_id, round(score::numeric, 3) AS score, left(snippet, 60) AS snippet\n"
-            f"    FROM longembed.search('{args.collection}', 'how do I open a file', 5);"
+            "  SELECT external_id, round(score::numeric, 3) AS score,\n"
+            "         left(regexp_replace(snippet, '\\s+', ' ', 'g'), 60) AS snippet\n"
+            f"    FROM longembed.search('{args.collection}', 'what happens when a loop ends with break', 5);"
         )
         print("  SELECT embed('reset a password') <=> embed('change my password') AS cosine_distance;")
     else:
