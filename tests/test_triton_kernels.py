@@ -9,14 +9,20 @@ run the compiled kernels on CUDA and skip without it.
 
 from __future__ import annotations
 
+import os
 import sys
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from encoder import load_model
 from encoder.jina_bert import alibi_slopes
+from tests.jina_reference import jina_config, reference_embed, write_checkpoint
 from triton_kernels import dispatch, segment_spans
 from triton_kernels.flash_attention import alibi_attention_reference
 from triton_kernels.pooling import segment_mean_pool_normalize_reference
@@ -249,6 +255,46 @@ def test_forced_triton_runs_the_interpreter_and_matches_torch(monkeypatch):
     copy = dispatch._interpreted_modules()["flash_attention"]
     assert copy.__name__ != "triton_kernels.flash_attention"
     assert sys.modules.get("triton_kernels.flash_attention") is not copy
+
+
+# --- the whole encoder with the kernels on and off ---------------------------------------------
+
+WIRE_TEXTS = [
+    "",
+    "a",
+    "ALiBi biases attention by distance, so nearby tokens weigh more. " * 5,
+    "Packed batches put many documents of different lengths in one launch. " * 3,
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_jina(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jina-kernels")
+    config = jina_config(heads=2, hidden=64)  # head_dim 32, a size the kernel supports
+    return folder, config, write_checkpoint(folder, config, seed=7)
+
+
+def test_encoder_with_triton_kernels_matches_torch_path_and_reference(monkeypatch, tiny_jina):
+    folder, config, state = tiny_jina
+    model = load_model(folder, device="cpu")
+    monkeypatch.setenv("LONGEMBED_KERNELS", "torch")
+    with_torch = model.embed(WIRE_TEXTS)
+    late_torch = model.embed_chunks(WIRE_TEXTS, mode="late", chunk_tokens=16, overlap=4)
+    monkeypatch.setenv("LONGEMBED_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with_triton = model.embed(WIRE_TEXTS)
+    late_triton = model.embed_chunks(WIRE_TEXTS, mode="late", chunk_tokens=16, overlap=4)
+    assert np.abs(with_triton - with_torch).max() <= 1e-5
+    # The encoder really goes through the Triton kernels: without the interpreter they refuse CPU tensors.
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        model.embed(["routed through the dispatcher"])
+    assert np.abs(with_triton - reference_embed(folder, state, config, WIRE_TEXTS).numpy()).max() <= 1e-5
+    assert [len(c) for c in late_triton] == [len(c) for c in late_torch] and len(late_triton[2]) > 2
+    for doc_torch, doc_triton in zip(late_torch, late_triton, strict=True):
+        for a, b in zip(doc_torch, doc_triton, strict=True):
+            assert (a.start, a.end, a.n_tokens) == (b.start, b.end, b.n_tokens)
+            assert np.abs(a.vector - b.vector).max() <= 1e-5
 
 
 # --- GPU (compiled kernels; skipped without CUDA) -----------------------------------------------
