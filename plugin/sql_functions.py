@@ -27,6 +27,7 @@ _UNDEFINED_OBJECT = "42704"
 _DATA_EXCEPTION = "22000"
 
 _results: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+texts_embedded = 0  # texts this backend sent to the model (diagnostics: the cache at work)
 
 
 def vector_literal(vector: np.ndarray) -> str:
@@ -81,8 +82,10 @@ def embed_texts(plpy: Any, texts: Sequence[str | None], kind: str) -> list[str |
         else:
             missing.setdefault(text, []).append(i)
     if missing:
+        global texts_embedded
         model = _load(plpy, name)
         unique = list(missing)
+        texts_embedded += len(unique)
         for text, vector in zip(unique, model.embed(unique, kind=kind), strict=True):
             literal = vector_literal(vector)
             for i in missing[text]:
