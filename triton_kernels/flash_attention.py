@@ -96,7 +96,7 @@ def _alibi_attn_fwd(
     stride_ot,
     stride_oh,
     qk_scale,  # softmax scale * log2(e)
-    SEQ_BUCKET,  # power of two >= max_seqlen: autotune key only
+    SEQ_BUCKET,  # power of two >= the longest sequence: autotune key only
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -220,16 +220,12 @@ def choose_block_m(lengths: torch.Tensor, family: str, head_dim: int) -> int:
     return available[0] if mean_len < 128 else available[-1]
 
 
-def _block_table(cu_seqlens: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, first row) of every BLOCK_M-row query block, sequences in order."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+def _block_table(lengths: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, first row) of every BLOCK_M-row query block, sequences in order (host tensors)."""
     n_blocks = (lengths + block_m - 1) // block_m
-    total = int(n_blocks.sum())
-    seq = torch.repeat_interleave(
-        torch.arange(len(lengths), device=cu_seqlens.device), n_blocks, output_size=total
-    )
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), n_blocks)
     first_block = torch.cumsum(n_blocks, 0) - n_blocks
-    start = (torch.arange(total, device=cu_seqlens.device) - first_block[seq]) * block_m
+    start = (torch.arange(len(seq)) - first_block[seq]) * block_m
     return seq.to(torch.int32), start.to(torch.int32)
 
 
@@ -276,7 +272,8 @@ def alibi_flash_attention(
 
     q, k, v: (total_tokens, heads, head_dim) fp16/bf16/fp32, head_dim 32/64/128, last dim contiguous;
     cu_seqlens: (n + 1,) int32 offsets of each sequence (first 0, last total_tokens, non-decreasing);
-    max_seqlen: the longest sequence (only picks the autotune bucket); alibi_slopes: (heads,) or None
+    max_seqlen: accepted for the varlen-attention signature; the launcher reads the true longest length
+    from cu_seqlens (it picks the autotune bucket); alibi_slopes: (heads,) or None
     for plain attention; scale: softmax scale, default 1/sqrt(head_dim). fp32 inputs use exact (IEEE)
     dot products. Returns (total_tokens, heads, head_dim) in q's dtype.
     """
@@ -286,18 +283,20 @@ def alibi_flash_attention(
     if total == 0:
         return out
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((lengths < 0).any()):
-        raise ValueError(
-            f"cu_seqlens must rise from 0 to total_tokens={total}, got {cu_seqlens.tolist()[:8]}..."
-        )
-    if int(lengths.max()) * max(t.stride(0) for t in (q, k, v)) >= 2**31:
+    # One device->host copy per call: the checks, the tile choice and the block table all need host
+    # values, and fetching them one by one would stall the GPU queue several times per layer.
+    bounds = cu_seqlens.to("cpu", torch.int64)
+    lengths = bounds[1:] - bounds[:-1]
+    if int(bounds[0]) != 0 or int(bounds[-1]) != total or bool((lengths < 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to total_tokens={total}, got {bounds.tolist()[:8]}...")
+    longest = int(lengths.max())
+    if longest * max(t.stride(0) for t in (q, k, v)) >= 2**31:
         raise ValueError(
             "a sequence spans more than 2^31 elements; the kernel's in-sequence offsets are int32"
         )
     family = gpu_family(torch.cuda.get_device_capability(q.device)) if q.is_cuda else "sm80"
     block_m = choose_block_m(lengths, family, head_dim)
-    block_seq, block_start = _block_table(cu_seqlens, block_m)
+    block_seq, block_start = (t.to(q.device) for t in _block_table(lengths, block_m))
     slopes = (
         alibi_slopes.to(torch.float32).contiguous()
         if alibi_slopes is not None
@@ -308,7 +307,7 @@ def alibi_flash_attention(
         q, k, v, out, slopes, cu_seqlens, block_seq, block_start,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        scale * LOG2E, triton.next_power_of_2(max(int(max_seqlen), 1)),
+        scale * LOG2E, triton.next_power_of_2(longest),
         HEAD_DIM=head_dim, BLOCK_M=block_m, HAS_ALIBI=alibi_slopes is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
