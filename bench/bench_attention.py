@@ -2,8 +2,8 @@
 
 jina-embeddings-v2-base shape (12 heads, head_dim 64), bf16, bidirectional. Providers:
 - `triton`: triton_kernels.flash_attention.alibi_flash_attention on the packed batch, bias in-kernel;
-- `sdpa+bias`: F.scaled_dot_product_attention with a materialised (heads, n, n) ALiBi bias, one call
-  per sequence length group (what HF-style code does);
+- `sdpa+bias`: F.scaled_dot_product_attention with a materialised ALiBi bias (built once for the longest
+  length and sliced, as Jina's reference model caches it), one call per equal-length group;
 - `flex`: FlexAttention (torch.compile'd) on the packed batch, ALiBi as a score_mod and a same-document
   block mask;
 - `sdpa`: SDPA without bias (flash backend): the no-ALiBi speed ceiling, not a like-for-like peer.
@@ -84,22 +84,25 @@ def groups_by_length(lengths: list[int]) -> dict[int, list[int]]:
 
 
 def sdpa_provider(q, k, v, cu, lengths: list[int], slopes: torch.Tensor | None) -> Callable[[], None]:
-    """Per equal-length group: (b, heads, n, d) SDPA, with a dense (heads, n, n) ALiBi bias when given."""
+    """Per equal-length group: (b, heads, n, d) SDPA, with a dense ALiBi bias when slopes are given.
+
+    Like the reference implementation, the bias is built once for the longest length, (1, heads, L, L),
+    and sliced per group; inputs are regrouped before timing. Both count in the peak memory.
+    """
     starts = cu[:-1].tolist()
+    bias = None
+    if slopes is not None:
+        pos = torch.arange(max(lengths), device=q.device)
+        bias = (-slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs().float()).to(q.dtype).unsqueeze(0)
     plan = []
     for n, idx in groups_by_length(lengths).items():
         rows = torch.cat([torch.arange(starts[i], starts[i] + n, device=q.device) for i in idx])
-        plan.append((n, len(idx), rows))
+        qkv = [t[rows].view(len(idx), n, HEADS, HEAD_DIM).transpose(1, 2) for t in (q, k, v)]
+        plan.append((qkv, None if bias is None else bias[:, :, :n, :n]))
 
     def run() -> None:
-        for n, b, rows in plan:
-            qb, kb, vb = (t[rows].view(b, n, HEADS, HEAD_DIM).transpose(1, 2) for t in (q, k, v))
-            bias = None
-            if slopes is not None:
-                pos = torch.arange(n, device=q.device)
-                dist = (pos[:, None] - pos[None, :]).abs().to(torch.float32)
-                bias = (-slopes[:, None, None] * dist).to(q.dtype).unsqueeze(0)  # (1, heads, n, n)
-            F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias)
+        for (qb, kb, vb), mask in plan:
+            F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
 
     return run
 
