@@ -229,6 +229,14 @@ def bench_index(conn, collection, ids, vectors, queries, ef_values) -> list[str]
             f"| {percentiles(times)} | {recall(found, truth):.3f} |"
         )
     conn.execute("RESET hnsw.ef_search")
+    (plan,) = conn.execute(
+        sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + index_sql, (queries[0],)
+    ).fetchone()
+    top = plan[0]["Plan"]
+    lines.append(
+        f"| {label} | (one index query at ef_search 40: {top['Shared Hit Blocks']} buffers hit, "
+        f"{top['Shared Read Blocks']} read from outside shared_buffers) | | |"
+    )
     exact_times = []
     with conn.transaction():
         conn.execute("SET LOCAL enable_indexscan = off")
@@ -295,7 +303,8 @@ def main() -> int:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         versions = admin.execute(
             "SELECT current_setting('server_version'), "
-            "(SELECT default_version FROM pg_available_extensions WHERE name = 'vector')"
+            "(SELECT default_version FROM pg_available_extensions WHERE name = 'vector'), "
+            "current_setting('shared_buffers')"
         ).fetchone()
     try:
         with connect(make_conninfo(args.dsn, dbname=name)) as conn:
@@ -304,8 +313,8 @@ def main() -> int:
             model = get_model()
             print(f"# {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
             print(
-                f"# PostgreSQL {versions[0]}, pgvector {versions[1]}, {model.info.name} "
-                f"({model.info.device}, {model.info.dtype})"
+                f"# PostgreSQL {versions[0]} (shared_buffers {versions[2]}), pgvector {versions[1]}, "
+                f"{model.info.name} ({model.info.device}, {model.info.dtype})"
             )
             ing = bench_ingest(conn, model, args.docs, args.batch_tokens)
             print(
