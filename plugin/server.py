@@ -23,6 +23,8 @@ PL/Python functions (`plpython3u`, built by `longembed setup-plpython`) import `
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -32,6 +34,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -418,6 +421,16 @@ class EmbeddedServer:
             return None
         return pid
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise start/stop of this home across processes (two `longembed up` at once)."""
+        fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def start(self, port: int | None = None) -> Status:
         """Start the server (initialising it on first use); a no-op when it already runs."""
         if self.running_pid() is not None:
@@ -425,6 +438,13 @@ class EmbeddedServer:
         chosen = self._choose_port(port)  # a bad or busy port fails before anything is written
         self.ensure_service_user()
         self.ensure_home()
+        with self._locked():
+            if self.running_pid() is not None:  # started by another process while we waited
+                return self.status()
+            self._start_locked(chosen)
+        return self.status()
+
+    def _start_locked(self, port: int) -> None:
         bin_dir = self.pginstall() / "bin"
         if not self.initialised:
             if self.data_dir.exists() and any(self.data_dir.iterdir()):
@@ -438,7 +458,7 @@ class EmbeddedServer:
             # Left by a crash; its pid now names another process (or none). PostgreSQL would refuse
             # to start while that pid lives, so the file goes.
             (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
-        self._write_settings(chosen)
+        self._write_settings(port)
         result = self._pg_ctl(
             "start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.log_file), "-s", check=False
         )
@@ -447,9 +467,8 @@ class EmbeddedServer:
                 f"the server did not start ({(result.stderr or result.stdout).strip()}); "
                 f"last lines of {self.log_file}:\n{self._log_tail()}"
             )
-        self._save_state({"port": chosen, "pginstall": str(self.pginstall())})
+        self._save_state({"port": port, "pginstall": str(self.pginstall())})
         self._ensure_database()
-        return self.status()
 
     def _log_tail(self, lines: int = 20) -> str:
         try:
@@ -477,7 +496,10 @@ class EmbeddedServer:
         """Stop the server (fast shutdown: open transactions roll back). False if it was not running."""
         if self.running_pid() is None:
             return False
-        self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(START_TIMEOUT_S), "-s")
+        with self._locked():
+            if self.running_pid() is None:
+                return False
+            self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(START_TIMEOUT_S), "-s")
         return True
 
     def status(self) -> Status:

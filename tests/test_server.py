@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -91,6 +92,14 @@ def test_up_status_down_restart(home):
     assert restarted.running and restarted.pid != started.pid
     assert restarted.port == started.port  # the port is kept while it is free
     assert _rows(server.dsn(), "SELECT note FROM kept") == [("survives a restart",)]
+
+
+def test_concurrent_starts_share_one_server(home):
+    """Two `longembed up` at once on a fresh home: one initdb, one postmaster, both see it."""
+    with ThreadPoolExecutor(2) as pool:
+        statuses = list(pool.map(lambda _: EmbeddedServer(home, durable=False).start(), range(2)))
+    assert statuses[0].running and statuses[0].pid == statuses[1].pid
+    assert _rows(EmbeddedServer(home).dsn(), "SELECT 1") == [(1,)]
 
 
 def test_crash_recovery_after_sigkill(home):
