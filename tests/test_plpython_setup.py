@@ -1,0 +1,105 @@
+"""`longembed setup-plpython`: the PL/Python build for the bundled server (plugin.plpython_setup)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from plugin import plpython_setup
+from plugin.cli import main
+from plugin.plpython_setup import PlpythonSetupError
+from plugin.server import EmbeddedServer, bundled_pginstall
+
+AS_ROOT = os.geteuid() == 0
+
+
+def test_second_run_uses_the_cache(capsys):
+    first = plpython_setup.setup()  # builds when the test command has not run setup-plpython yet
+    started = time.monotonic()
+    assert main(["setup-plpython"]) == 0
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr().out
+    assert "already built" in out and str(first) in out
+    assert elapsed < 5  # no download, no compiler (about 0.2 s here)
+
+
+def test_build_links_the_system_python_and_is_private():
+    folder = plpython_setup.setup()
+    library = folder / "lib" / "plpython3.so"
+    linked = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=True).stdout
+    libpython = [line for line in linked.splitlines() if "libpython3" in line]
+    assert len(libpython) == 1 and "=> /" in libpython[0] and "/root/" not in libpython[0], linked
+    assert "not found" not in linked
+    control = (folder / "share" / "extension" / "plpython3u.control").read_text()
+    assert "module_pathname = 'plpython3'" in control  # found along dynamic_library_path, not $libdir
+    for path in [folder, *folder.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o007 == 0, f"{path} is open to others: {mode:o}"
+        if AS_ROOT:
+            service = pwd.getpwnam(EmbeddedServer().service_user)
+            assert path.stat().st_gid == service.pw_gid
+
+
+def test_missing_build_tools_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGEMBED_CACHE", str(tmp_path / "cache"))  # nothing cached here
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(PlpythonSetupError) as failure:
+        plpython_setup.setup(bundled_pginstall())
+    message = str(failure.value)
+    for tool in ("apt-get", "perl", "gcc", "make"):
+        assert tool in message
+    assert "apt-get install" in message
+    assert not (tmp_path / "cache" / "plpython").exists()
+
+
+def _apt_state() -> dict[str, str]:
+    """Content hashes of the system's apt sources and the names of its downloaded lists."""
+    state = {}
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        if path.is_file():
+            state[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    state["lists"] = ",".join(sorted(p.name for p in Path("/var/lib/apt/lists").glob("*")))
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not AS_ROOT, reason="the cold build is exercised as root, as the test command runs it")
+def test_cold_build_leaves_the_system_apt_configuration_alone(monkeypatch):
+    """A full build (download, extract, compile) into an empty cache; apt's own files are untouched."""
+    scratch = Path("/tmp") / f"longembed-cold-{uuid.uuid4().hex[:10]}"  # the service user reaches /tmp/*
+    monkeypatch.setenv("LONGEMBED_CACHE", str(scratch / "cache"))
+    scratch.mkdir(mode=0o755)
+    server = EmbeddedServer(scratch / "home", durable=False)
+    try:
+        before = _apt_state()
+        started = time.monotonic()
+        folder = plpython_setup.setup(bundled_pginstall())
+        print(f"cold setup-plpython: {time.monotonic() - started:.1f} s")
+        assert (folder / "lib" / "plpython3.so").is_file()
+        assert folder.is_relative_to(scratch / "cache")
+        assert _apt_state() == before
+        # A server started now finds this build and runs Python in it.
+        server.start()
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION plpython3u")
+            conn.execute(
+                "CREATE FUNCTION py_sum(a int, b int) RETURNS int LANGUAGE plpython3u AS 'return a + b'"
+            )
+            assert conn.execute("SELECT py_sum(40, 2)").fetchone() == (42,)
+            (path,) = conn.execute("SELECT current_setting('dynamic_library_path')").fetchone()
+            assert str(folder / "lib") in path
+    finally:
+        server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
