@@ -339,3 +339,35 @@ def test_cli_up_status_dsn_psql_down(home, monkeypatch, capsys):
     assert code == 0 and "stopped" in out
     assert cli("status")[0] == 3
     assert cli("down")[1].strip() == "not running"
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="as a non-root user every other test here already runs this path")
+def test_runs_as_a_plain_user_too(home):
+    """The non-root path (no runuser, no service user): run by the service user itself, with the system
+    Python and this project's packages on PYTHONPATH (the venv's interpreter lives under /root)."""
+    service = EmbeddedServer(home).service_user
+    code = (
+        "from plugin.server import EmbeddedServer\n"
+        "import psycopg, sys\n"
+        "s = EmbeddedServer(sys.argv[1], durable=False)\n"
+        "status = s.start()\n"
+        "assert s.service_user is None and status.run_as == sys.argv[2], status\n"
+        "with psycopg.connect(s.dsn()) as c:\n"
+        "    print(c.execute('SELECT inet_server_addr()').fetchone()[0])\n"
+        "assert s.start().pid == status.pid and s.stop() and not s.status().running\n"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": "/tmp",
+        "PYTHONPATH": os.pathsep.join(server_python_path()),
+    }
+    result = subprocess.run(
+        ["runuser", "-u", service, "--", "/usr/bin/python3", "-c", code, str(home), service],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "127.0.0.1"
+    assert pwd.getpwuid(home.stat().st_uid).pw_name == service
