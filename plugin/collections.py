@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol, overload
 
 import psycopg
 from psycopg import sql
@@ -150,6 +150,8 @@ def create_collection(
             ).fetchone()
         except psycopg.errors.UndefinedObject as exc:
             raise ValueError(f"unknown text search configuration {text_search_config!r}") from exc
+        except psycopg.errors.UniqueViolation as exc:  # created concurrently since the check above
+            raise ValueError(f"collection {name!r} already exists") from exc
         assert row is not None
         table = sql.Identifier("longembed", f"chunks_{row[0]}")
         conn.execute(
@@ -176,17 +178,22 @@ def create_collection(
                 efc=sql.Literal(hnsw_ef_construction),
             )
         )
-    collection = get_collection(conn, name)
-    return collection
+    return get_collection(conn, name)
 
 
-def get_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = False) -> Collection:
+@overload
+def get_collection(
+    conn: psycopg.Connection, name: str, *, missing_ok: Literal[False] = False
+) -> Collection: ...
+@overload
+def get_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool) -> Collection | None: ...
+def get_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = False) -> Collection | None:
     """The collection called `name`; CollectionNotFound unless `missing_ok` (then None)."""
     if not isinstance(name, str):
         raise TypeError(f"collection name must be a str, got {type(name).__name__}")
     if not NAME_PATTERN.match(name):  # cannot exist (the table's CHECK); also keeps NUL away from the server
         if missing_ok:
-            return None  # type: ignore[return-value]
+            return None
         raise CollectionNotFound(name)
     with conn.cursor(row_factory=class_row(Collection)) as cur:
         found = cur.execute(
@@ -194,7 +201,7 @@ def get_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = Fa
         ).fetchone()
     if found is None and not missing_ok:
         raise CollectionNotFound(name)
-    return found  # type: ignore[return-value]
+    return found
 
 
 def list_collections(conn: psycopg.Connection) -> list[Collection]:

@@ -40,7 +40,7 @@ class Document:
 class AddResult:
     """Counts per outcome of longembed.upsert_document: inserted / updated / requeued / unchanged."""
 
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
 
     @property
     def queued(self) -> int:
@@ -65,6 +65,10 @@ def validate_document(doc: Document) -> None:
     if "\x00" in doc.text:
         # PostgreSQL text cannot hold NUL; stripping it silently would change the content hash meaning.
         raise InvalidDocument(f"document {ident!r}: text contains NUL bytes (binary data?)")
+    try:
+        doc.text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidDocument(f"document {ident!r}: text is not valid Unicode ({exc.reason})") from None
     if len(doc.text) > MAX_DOCUMENT_CHARS:
         raise InvalidDocument(
             f"document {ident!r}: {len(doc.text):,} characters, more than the limit of {MAX_DOCUMENT_CHARS:,}"

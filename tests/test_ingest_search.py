@@ -249,6 +249,7 @@ def test_bad_documents_are_refused_whole(conn, corpus):
         (Document("empty", ""), "text is empty"),
         (Document("blank", " \n\t "), "text is empty"),
         (Document("nul", "abc\x00def"), "NUL bytes"),
+        (Document("surrogate", "abc\udcff"), "not valid Unicode"),
         (Document("huge", "x" * (MAX_DOCUMENT_CHARS + 1)), "more than the limit"),
         (Document("", "no id"), "non-empty string"),
         (Document("meta", "text", {"a": float("nan")}), "not JSON-serialisable"),
