@@ -77,7 +77,7 @@ def _attn_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SEQ_BUCKET"])  # only an autotune key: never worth a recompile
 def _alibi_attn_fwd(
     Q,
     K,
