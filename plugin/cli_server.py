@@ -80,6 +80,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
             "note: PL/Python is not built; SQL embed() needs it: run `longembed setup-plpython`",
             file=sys.stderr,
         )
+    system_python = plpython_setup.system_python_version()
+    ours = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if system_python != ours:
+        print(
+            f"warning: PL/Python runs the system Python {system_python}, longembed runs on {ours}: "
+            f"SQL embed() needs longembed and its packages installed for Python {system_python}",
+            file=sys.stderr,
+        )
     for path in server.unreadable_python_paths():
         print(
             f"warning: user {server.run_as} cannot read {path}: SQL embed() will not find longembed's "

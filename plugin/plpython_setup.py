@@ -70,7 +70,7 @@ def server_version(pginstall: Path) -> str:
     return _pg_config(pginstall, "--version").split()[-1]
 
 
-def _system_python_version() -> str:
+def system_python_version() -> str:
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         raise PlpythonSetupError(f"{SYSTEM_PYTHON} is missing: install python3 (apt-get install python3-dev)")
     out = subprocess.run(
@@ -84,7 +84,7 @@ def _system_python_version() -> str:
 
 def build_dir(pginstall: Path) -> Path:
     """Where the build for this server and this system Python lives (whether built or not)."""
-    key = f"pg{server_version(pginstall)}-py{_system_python_version()}"
+    key = f"pg{server_version(pginstall)}-py{system_python_version()}"
     return cache_root() / "plpython" / key
 
 

@@ -24,6 +24,7 @@ PL/Python functions (`plpython3u`, built by `longembed setup-plpython`) import `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import importlib.util
 import json
@@ -124,7 +125,7 @@ class Status:
     run_as: str
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
 
 class EmbeddedServer:

@@ -83,6 +83,12 @@ def test_cold_build_leaves_the_system_apt_configuration_alone(monkeypatch):
     scratch.mkdir(mode=0o755)
     server = EmbeddedServer(scratch / "home", durable=False)
     try:
+        server.start()  # before the build: no PL/Python yet
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            assert (
+                conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'plpython3u'").fetchone()
+                is None
+            )
         before = _apt_state()
         started = time.monotonic()
         folder = plpython_setup.setup(bundled_pginstall())
@@ -90,8 +96,8 @@ def test_cold_build_leaves_the_system_apt_configuration_alone(monkeypatch):
         assert (folder / "lib" / "plpython3.so").is_file()
         assert folder.is_relative_to(scratch / "cache")
         assert _apt_state() == before
-        # A server started now finds this build and runs Python in it.
-        server.start()
+        # What `longembed setup-plpython` does for a running server: the new settings, no restart.
+        server.reload_settings()
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             conn.execute("CREATE EXTENSION plpython3u")
             conn.execute(
