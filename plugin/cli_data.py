@@ -397,26 +397,44 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _worker_process(dsn: str, model_name: str | None, config, names: list[str] | None, once: bool) -> int:
-    """One worker: SIGTERM/SIGINT finish the batch in progress, then exit 0."""
+    """One worker: SIGTERM/SIGINT finish the batch in progress, then exit 0.
+
+    A lost connection (server restart, backend terminated) is re-opened with backoff; the batch it held
+    comes back to the queue when its lease runs out.
+    """
     from plugin.models import get_model
-    from plugin.worker import Worker
+    from plugin.worker import Worker, WorkerStats
 
     logging.basicConfig(level=logging.INFO, format=f"worker {os.getpid()}: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     model = get_model(model_name)
-    with db.connect(dsn) as conn:
-        db.require_vector(conn)
-        worker = Worker(conn, model, config, names)
-        logging.info("started (%s, batch %d tokens)", model.info.name, config.batch_tokens)
-        stats = worker.drain(stop) if once else worker.run(stop)
+    total = WorkerStats()
+    delay, connected = 1.0, False
+    while not stop.is_set():
+        try:
+            with db.connect(dsn, application_name="longembed worker") as conn:
+                db.require_vector(conn)
+                worker = Worker(conn, model, config, names)
+                logging.info("started (%s, batch %d tokens)", model.info.name, config.batch_tokens)
+                delay, connected = 1.0, True
+                if once:
+                    worker.drain(stop, total)
+                    break
+                worker.run(stop, total)
+        except psycopg.OperationalError as exc:
+            if not connected:  # wrong DSN or password, server down at start: say so, do not spin
+                raise
+            logging.warning("database connection lost (%s); reconnecting in %.0f s", str(exc).strip(), delay)
+            stop.wait(delay)
+            delay = min(2 * delay, 30.0)
     logging.info(
         "stopped: %d embedded, %d retrying, %d parked, %d dropped in %d batches",
-        stats.embedded,
-        stats.retrying,
-        stats.parked,
-        stats.dropped,
-        stats.batches,
+        total.embedded,
+        total.retrying,
+        total.parked,
+        total.dropped,
+        total.batches,
     )
     return 0

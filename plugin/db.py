@@ -6,15 +6,18 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 
-def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection:
+def connect(dsn: str, *, autocommit: bool = True, application_name: str = "longembed") -> psycopg.Connection:
     """Open a connection and register pgvector's types when the extension is installed.
 
     `prepare_threshold=None`: psycopg would otherwise prepare a statement server-side after five runs,
     and PostgreSQL may then reuse a generic plan that sorts the whole table instead of walking the HNSW
     index (ENVIRONMENT.md, "Cached plans"). Search also sets plan_cache_mode for callers' connections.
     Autocommit by default: our functions open explicit `conn.transaction()` blocks where they need one.
+    `application_name` shows in pg_stat_activity (workers call themselves "longembed worker").
     """
-    conn = psycopg.connect(dsn, autocommit=autocommit, prepare_threshold=None)
+    conn = psycopg.connect(
+        dsn, autocommit=autocommit, prepare_threshold=None, application_name=application_name
+    )
     try:
         register_vector_if_installed(conn)
     except BaseException:

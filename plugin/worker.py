@@ -250,9 +250,12 @@ class Worker:
                     )
         return chunks
 
-    def drain(self, stop: threading.Event | None = None) -> WorkerStats:
-        """Process batches until nothing is ready (items leased by others or backing off: not waited for)."""
-        total = WorkerStats()
+    def drain(self, stop: threading.Event | None = None, total: WorkerStats | None = None) -> WorkerStats:
+        """Process batches until nothing is ready (items leased by others or backing off: not waited for).
+
+        Counts go into `total` as batches finish (so a caller keeps them if the connection breaks).
+        """
+        total = WorkerStats() if total is None else total
         while stop is None or not stop.is_set():
             stats = self.run_once()
             if stats.batches == 0:
@@ -260,9 +263,9 @@ class Worker:
             total.add(stats)
         return total
 
-    def run(self, stop: threading.Event) -> WorkerStats:
+    def run(self, stop: threading.Event, total: WorkerStats | None = None) -> WorkerStats:
         """Process batches until `stop` is set; the batch in progress is finished and written first."""
-        total = WorkerStats()
+        total = WorkerStats() if total is None else total
         while not stop.is_set():
             stats = self.run_once()
             total.add(stats)

@@ -254,3 +254,25 @@ def test_document_whose_worker_always_dies_is_parked(conn, model):
     assert stats.parked == 1 and stats.embedded == 0
     state = document_states(conn, collection)["d0"]
     assert state.status == "failed" and state.error.startswith("no result after 2 leases")
+
+
+def test_worker_reconnects_after_losing_its_connection(conn, dsn, model):
+    collection = create_collection(conn, "reconnect", model.info)
+    worker = start_worker(dsn, "reconnect", "--batch-tokens", "60", "--lease-seconds", "2")
+    try:
+        wait_for(lambda: "started" in worker.stderr.readline(), 120, "the worker to start")
+        add_documents(conn, collection, short_docs("n", 30))
+        wait_for(lambda: counts(conn, collection.id)[0] >= 5, 120, "some documents embedded")
+        (killed,) = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'longembed worker' AND datname = current_database()"
+        ).fetchone()
+        assert killed == 1
+        wait_for(lambda: counts(conn, collection.id)[0] == 30, 180, "the rest embedded after reconnecting")
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert "database connection lost" in err and "reconnecting" in err
+    assert_all_embedded_once(conn, collection, 30)
