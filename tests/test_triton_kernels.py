@@ -228,6 +228,11 @@ def test_dispatch_backends(monkeypatch):
         dispatch.backend(CPU)
 
 
+def test_dispatch_limits_match_the_kernels(interpreter):
+    assert dispatch._ATTENTION_HEAD_DIMS == interpreter["flash_attention"].HEAD_DIMS
+    assert dispatch._POOLING_MAX_DIM == interpreter["pooling"].MAX_DIM
+
+
 def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LONGEMBED_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -1,9 +1,10 @@
 """Pick the Triton kernel or the PyTorch path for each op.
 
 LONGEMBED_KERNELS (read at every call):
-- `auto` (default): Triton for CUDA tensors in fp16/bf16 with a head_dim the kernel has (32/64/128)
-  when Triton imports; PyTorch otherwise. fp32 on CUDA stays on PyTorch: the GPU encoder runs in
-  bf16/fp16, and an exact fp32 flash kernel would run without tensor cores, no faster than SDPA.
+- `auto` (default): Triton for CUDA tensors in fp16/bf16 that the kernels accept (head_dim 32/64/128,
+  hidden size <= 4096) when Triton imports; PyTorch otherwise. fp32 on CUDA stays on PyTorch: the GPU
+  encoder runs in bf16/fp16, and an exact fp32 flash kernel would run without tensor cores, no faster
+  than SDPA.
 - `triton`: always the kernels (fp32 included, with IEEE dot products); unsupported input is an
   error, not a silent fallback. CPU tensors run through Triton's interpreter when TRITON_INTERPRET=1
   (slow: for tests), and are refused otherwise.
@@ -29,6 +30,10 @@ from triton_kernels.torch_ops import mean_pool_normalize_torch, varlen_attention
 
 _CHOICES = ("auto", "triton", "torch")
 _KERNEL_MODULES = ("flash_attention", "pooling")
+# What the kernels accept (flash_attention.HEAD_DIMS, pooling.MAX_DIM), restated so that `auto` can
+# decide without importing triton, which CPU installs may lack.
+_ATTENTION_HEAD_DIMS = (32, 64, 128)
+_POOLING_MAX_DIM = 4096
 
 
 def _choice() -> str:
@@ -56,12 +61,12 @@ def backend(device: torch.device) -> str:
     return choice
 
 
-def _use_triton(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> bool:
+def _use_triton(device: torch.device, dtype: torch.dtype, kernel_accepts: bool) -> bool:
     if backend(device) == "torch":
         return False
     if _choice() == "triton":
-        return True
-    return dtype in (torch.float16, torch.bfloat16) and (head_dim is None or head_dim in (32, 64, 128))
+        return True  # forced: unsupported input raises in the kernel's launcher
+    return dtype in (torch.float16, torch.bfloat16) and kernel_accepts
 
 
 @functools.cache
@@ -110,7 +115,7 @@ def attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention on packed (total_tokens, heads, head_dim) tensors."""
-    if _use_triton(q.device, q.dtype, q.shape[-1]):
+    if _use_triton(q.device, q.dtype, q.shape[-1] in _ATTENTION_HEAD_DIMS):
         kernels = triton_modules(q.device)["flash_attention"]
         return kernels.alibi_flash_attention(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale)
     return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale)
@@ -118,6 +123,6 @@ def attention(
 
 def mean_pool_normalize(hidden: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
     """Per-span mean (fp32 accumulation) fused with L2 normalisation; (m, dim) float32."""
-    if _use_triton(hidden.device, hidden.dtype):
+    if _use_triton(hidden.device, hidden.dtype, hidden.shape[-1] <= _POOLING_MAX_DIM):
         return triton_modules(hidden.device)["pooling"].segment_mean_pool_normalize(hidden, spans)
     return mean_pool_normalize_torch(hidden, spans)
