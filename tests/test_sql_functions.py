@@ -181,6 +181,24 @@ def test_order_by_embed_uses_the_hnsw_index(conn, vectors_table, function):
     assert len(ids) == 10 and len(set(ids)) == 10
 
 
+def test_prepared_statement_keeps_the_index_after_the_generic_plan_kicks_in(conn, vectors_table):
+    """PostgreSQL may switch a prepared statement to a generic plan after five runs (ENVIRONMENT.md):
+    with embed($1) the query vector is unknown at plan time, and the plan must still walk the index."""
+    conn.execute("PREPARE nearest(text) AS SELECT id FROM items ORDER BY v <=> embed($1) LIMIT 10")
+    try:
+        for i in range(8):
+            execute = sql.SQL("EXECUTE nearest({})").format(sql.Literal(f"question {i}"))
+            assert len(conn.execute(execute).fetchall()) == 10
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN EXECUTE nearest('question 9')").fetchall())
+        assert "Index Scan using items_hnsw" in plan, plan
+        generic = conn.execute(
+            "SELECT generic_plans FROM pg_prepared_statements WHERE name = 'nearest'"
+        ).fetchone()
+        print(f"generic plans used: {generic[0]}")
+    finally:
+        conn.execute("DEALLOCATE nearest")
+
+
 def test_the_model_runs_once_per_query_text(conn, vectors_table):
     """STABLE: one call for the index scan key, plus one per returned row (the ORDER BY value), which the
     backend's cache answers; a filter on a sequential scan calls it per row, also from the cache."""
