@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -97,6 +98,23 @@ def server_python_path() -> list[str]:
     return paths
 
 
+# Paths written into postgresql.conf: no quote, comma, space or newline (the socket list is comma
+# separated, values are quoted strings), so a hostile LONGEMBED_HOME cannot add settings.
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*$")
+_SOCKET_PATH_MAX = 107  # sun_path
+
+
+def conf_path(path: Path) -> str:
+    """`path` for a postgresql.conf string, or ServerError when it holds characters we do not write."""
+    text = str(path)
+    if not _SAFE_PATH.match(text):
+        raise ServerError(
+            f"{text!r}: longembed's folders may only use letters, digits and . _ + @ / - "
+            "(set LONGEMBED_HOME / LONGEMBED_CACHE to such a path)"
+        )
+    return text
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LISTEN_HOST, 0))
@@ -150,6 +168,7 @@ class EmbeddedServer:
         self.log_file = self.home / "log" / "postgres.log"
         self.password_file = self.home / "password"
         self.state_file = self.home / "server.json"
+        self._pginstall: Path | None = None
 
     # ----------------------------------------------------------------------------------------- paths
 
@@ -159,6 +178,11 @@ class EmbeddedServer:
 
     def pginstall(self) -> Path:
         """The binaries to run: the bundled tree, or our copy of it where the service user cannot read it."""
+        if self._pginstall is None:
+            self._pginstall = self._find_pginstall()
+        return self._pginstall
+
+    def _find_pginstall(self) -> Path:
         bundled = bundled_pginstall()
         if not self.as_root or self._user_can_run(bundled):
             return bundled
@@ -346,7 +370,7 @@ class EmbeddedServer:
         lines = [
             f"listen_addresses = '{LISTEN_HOST}'",
             f"port = {port}",
-            f"unix_socket_directories = '{self.socket_dir}'",
+            f"unix_socket_directories = '{conf_path(self.socket_dir)}'",
             "unix_socket_permissions = 0700",
             "password_encryption = 'scram-sha-256'",
         ]
@@ -358,8 +382,8 @@ class EmbeddedServer:
         if plpython is not None:
             # Our own extension folder beside the bundled one (PostgreSQL >= 18).
             lines += [
-                f"extension_control_path = '$system:{plpython / 'share'}'",
-                f"dynamic_library_path = '$libdir:{plpython / 'lib'}'",
+                f"extension_control_path = '$system:{conf_path(plpython / 'share')}'",
+                f"dynamic_library_path = '$libdir:{conf_path(plpython / 'lib')}'",
             ]
         self._write_owned(self.data_dir / "longembed.conf", "\n".join(lines) + "\n")
 
@@ -374,7 +398,12 @@ class EmbeddedServer:
     def _choose_port(self, requested: int | None) -> int:
         state = self._load_state()
         if requested is None and os.environ.get("LONGEMBED_PORT"):
-            requested = int(os.environ["LONGEMBED_PORT"])
+            try:
+                requested = int(os.environ["LONGEMBED_PORT"])
+            except ValueError:
+                raise ServerError(
+                    f"LONGEMBED_PORT must be a number, got {os.environ['LONGEMBED_PORT']!r}"
+                ) from None
         if requested is not None:
             if not 1 <= requested <= 65535:
                 raise ServerError(f"port must be in 1..65535, got {requested}")
@@ -436,7 +465,12 @@ class EmbeddedServer:
         """Start the server (initialising it on first use); a no-op when it already runs."""
         if self.running_pid() is not None:
             return self.status()
-        chosen = self._choose_port(port)  # a bad or busy port fails before anything is written
+        conf_path(self.socket_dir)  # bad paths and ports fail before anything is written
+        if len(str(self.socket_dir / ".s.PGSQL.65535")) > _SOCKET_PATH_MAX:
+            raise ServerError(
+                f"LONGEMBED_HOME {self.home} is too long for a Unix socket path ({_SOCKET_PATH_MAX} bytes)"
+            )
+        chosen = self._choose_port(port)
         self.ensure_service_user()
         self.ensure_home()
         with self._locked():
@@ -468,7 +502,7 @@ class EmbeddedServer:
                 f"the server did not start ({(result.stderr or result.stdout).strip()}); "
                 f"last lines of {self.log_file}:\n{self._log_tail()}"
             )
-        self._save_state({"port": port, "pginstall": str(self.pginstall())})
+        self._save_state({"port": port})
         self._ensure_database()
 
     def _log_tail(self, lines: int = 20) -> str:

@@ -371,3 +371,20 @@ def test_runs_as_a_plain_user_too(home):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "127.0.0.1"
     assert pwd.getpwuid(home.stat().st_uid).pw_name == service
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["quote'; port = 1", "comma,list", "space here", "newline\nport = 1", "back\\slash", "x" * 120],
+)
+def test_hostile_or_overlong_home_is_refused_before_anything_is_written(name):
+    home = Path("/tmp") / f"longembed-bad-{uuid.uuid4().hex[:6]}-{name}"
+    with pytest.raises(ServerError, match=r"may only use letters|too long for a Unix socket"):
+        EmbeddedServer(home).start()
+    assert not home.exists()
+
+
+def test_bad_port_setting_is_a_clear_error(home, monkeypatch):
+    monkeypatch.setenv("LONGEMBED_PORT", "54x")
+    with pytest.raises(ServerError, match="LONGEMBED_PORT must be a number"):
+        EmbeddedServer(home).start()
