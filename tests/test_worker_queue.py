@@ -106,7 +106,10 @@ def assert_all_embedded_once(conn, collection, n: int) -> None:
     assert {s.status for s in states.values()} == {"embedded"}
     assert {s.embed_count for s in states.values()} == {1}  # no document written twice
     assert all(s.n_chunks == 1 for s in states.values())  # short texts: one chunk, no duplicate rows
-    assert conn.execute("SELECT count(*) FROM longembed.queue").fetchone()[0] == 0
+    (queued,) = conn.execute(
+        "SELECT count(*) FROM longembed.queue WHERE collection_id = %s", (collection.id,)
+    ).fetchone()
+    assert queued == 0
 
 
 def test_sigkill_mid_batch_then_restart(conn, dsn, model):
