@@ -363,3 +363,35 @@ def test_vectorized_user_table_follows_inserts_updates_deletes(conn, model):
     drop_collection(conn, "tickets")
     conn.execute("INSERT INTO app.\"Tickets\" (body) VALUES ('still writable')")
     conn.execute("DROP SCHEMA app CASCADE")
+
+
+def test_sql_search_functions_refuse_bad_arguments_clearly(conn, corpus):
+    q = np.full(384, 0.05, dtype=np.float32)
+    for statement, params, message in [
+        ("SELECT * FROM longembed.search_vector('nope', %s, 5)", (q,), "no collection named 'nope'"),
+        (
+            "SELECT * FROM longembed.search_vector(%s, %s, 5)",
+            ("x'; DROP TABLE longembed.documents; --", q),
+            "no collection named",
+        ),
+        ("SELECT * FROM longembed.search_vector('corpus', %s, 0)", (q,), r"k must be in 1\.\.1000, got 0"),
+        ("SELECT * FROM longembed.search_vector('corpus', %s, 5, NULL, 5000)", (q,), "ef_search must be in"),
+        (
+            "SELECT * FROM longembed.search_vector('corpus', %s, 5, '[1]')",
+            (q,),
+            "filter must be a JSON object",
+        ),
+        (
+            "SELECT * FROM longembed.search_vector('corpus', '[1,2,3]', 5)",
+            (),
+            "has 3 dimensions, .* needs 384",
+        ),
+        ("SELECT * FROM longembed.search_hybrid('nope', 'text', %s, 5)", (q,), "no collection named 'nope'"),
+    ]:
+        with pytest.raises(psycopg.Error, match=message):
+            conn.execute(statement, params)
+    # Valid SQL calls answer like the Python API, which goes through the same function.
+    rows = conn.execute(
+        "SELECT external_id, score FROM longembed.search_vector('corpus', %s, 3)", (q,)
+    ).fetchall()
+    assert [(r.external_id, pytest.approx(r.score)) for r in search(conn, "corpus", q, k=3)] == rows
