@@ -6,6 +6,7 @@ touched), so stopping, killing and restarting here disturbs nobody.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pwd
@@ -27,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from plugin import server as server_module
 from plugin.cli import main
-from plugin.server import EmbeddedServer, ServerError, bundled_pginstall, server_python_path
+from plugin.server import EmbeddedServer, ServerError, bundled_pginstall, resolve_dsn, server_python_path
 
 AS_ROOT = os.geteuid() == 0
 
@@ -388,3 +389,18 @@ def test_bad_port_setting_is_a_clear_error(home, monkeypatch):
     monkeypatch.setenv("LONGEMBED_PORT", "54x")
     with pytest.raises(ServerError, match="LONGEMBED_PORT must be a number"):
         EmbeddedServer(home).start()
+
+
+def test_resolve_dsn_order(home, monkeypatch):
+    """--dsn, then $LONGEMBED_DSN, then the running embedded server; else a clear error."""
+    monkeypatch.setenv("LONGEMBED_HOME", str(home))
+    monkeypatch.delenv("LONGEMBED_DSN", raising=False)
+    with pytest.raises(ServerError, match="longembed up"):
+        resolve_dsn(argparse.Namespace(dsn=None))
+    server = EmbeddedServer(home, durable=False)
+    server.start()
+    assert resolve_dsn(argparse.Namespace(dsn=None)) == server.dsn()
+    assert resolve_dsn(None) == server.dsn()
+    monkeypatch.setenv("LONGEMBED_DSN", "postgresql://elsewhere/db")
+    assert resolve_dsn(argparse.Namespace(dsn=None)) == "postgresql://elsewhere/db"
+    assert resolve_dsn(argparse.Namespace(dsn="host=explicit")) == "host=explicit"
