@@ -38,7 +38,7 @@ def table(usages: list[aot.Usage]) -> str:
     ]
     for u in usages:
         v = u.variant
-        consts = " ".join(f"{k}={val}" for k, val in v.constexprs if k != "DOT_PRECISION")
+        consts = " ".join(f"{k}={val}" for k, val in v.constexprs)
         lines.append(
             f"| sm_{v.arch} | {v.kernel} | {v.dtype} | {consts} | {v.num_warps} | {v.num_stages} "
             f"| {u.registers} | {u.spill_bytes} | {u.shared_bytes} | {u.occupancy:.3f} "

@@ -325,6 +325,19 @@ def test_gpu_attention_matches_reference(monkeypatch, dtype, head_dim, lengths):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_fp32_attention_goes_to_torch_under_auto_and_is_refused_when_forced(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, cu = packed_qkv([100, 3], 2, 64, torch.float32, device=torch.device("cuda"))
+    monkeypatch.setenv("LONGEMBED_KERNELS", "auto")
+    expected = alibi_attention_reference(q, k, v, cu, 100)
+    torch.testing.assert_close(dispatch.attention(q, k, v, cu, 100), expected, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("LONGEMBED_KERNELS", "triton")
+    with pytest.raises(TypeError, match="fp32 attention on CUDA"):
+        dispatch.attention(q, k, v, cu, 100)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_pooling_matches_reference(monkeypatch, dtype):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

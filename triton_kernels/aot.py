@@ -48,7 +48,7 @@ class Variant:
     num_stages: int
 
     def label(self) -> str:
-        consts = " ".join(f"{k}={v}" for k, v in self.constexprs if k != "DOT_PRECISION")
+        consts = " ".join(f"{k}={v}" for k, v in self.constexprs)
         return f"{self.kernel} sm_{self.arch} {self.dtype} {consts} w{self.num_warps} s{self.num_stages}"
 
 
@@ -79,7 +79,6 @@ def attention_variants() -> list[Variant]:
                                 "BLOCK_M": block_m,
                                 "BLOCK_N": block_n,
                                 "HAS_ALIBI": has_alibi,
-                                "DOT_PRECISION": "tf32",
                             }
                             variants.append(
                                 Variant("attention", dtype, arch, tuple(consts.items()), warps, stages)

@@ -5,9 +5,9 @@ LONGEMBED_KERNELS (read at every call):
   hidden size <= 4096) when Triton imports; PyTorch otherwise. fp32 on CUDA stays on PyTorch: the GPU
   encoder runs in bf16/fp16, and an exact fp32 flash kernel would run without tensor cores, no faster
   than SDPA.
-- `triton`: always the kernels (fp32 included, with IEEE dot products); unsupported input is an
-  error, not a silent fallback. CPU tensors run through Triton's interpreter when TRITON_INTERPRET=1
-  (slow: for tests), and are refused otherwise.
+- `triton`: always the kernels; unsupported input (e.g. fp32 attention on CUDA, whose exact kernel
+  would spill registers) is an error, not a silent fallback. CPU tensors run through Triton's
+  interpreter when TRITON_INTERPRET=1 (slow: for tests), and are refused otherwise.
 - `torch`: always the PyTorch path.
 
 Triton decides between compiled and interpreted kernels when a kernel is *decorated* (module import),

@@ -50,7 +50,6 @@ def _attn_tile(
     slope,
     HAS_ALIBI: tl.constexpr,
     MASK_KEYS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M x BLOCK_N) step of the online softmax; keys start_n .. start_n + BLOCK_N."""
     cols = start_n + offs_n
@@ -62,7 +61,7 @@ def _attn_tile(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    qk = tl.dot(q, k) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
     if HAS_ALIBI:
         dist = tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
         qk -= slope * dist
@@ -73,7 +72,7 @@ def _attn_tile(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 
@@ -101,7 +100,6 @@ def _alibi_attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N <= 128)
     tl.static_assert(HEAD_DIM % 32 == 0)
@@ -139,12 +137,12 @@ def _alibi_attn_fwd(
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, K_seq, V_seq, offs_m, offs_n, offs_d, start_n, seqlen, stride_kt, stride_vt,
-            qk_scale, slope, HAS_ALIBI, False, DOT_PRECISION,
+            qk_scale, slope, HAS_ALIBI, False,
         )  # fmt: skip
     if full_end < seqlen:
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, K_seq, V_seq, offs_m, offs_n, offs_d, full_end, seqlen, stride_kt, stride_vt,
-            qk_scale, slope, HAS_ALIBI, True, DOT_PRECISION,
+            qk_scale, slope, HAS_ALIBI, True,
         )  # fmt: skip
 
     out = acc / l_i[:, None]  # every row saw key 0 of its sequence, so l_i >= 1
@@ -243,6 +241,11 @@ def _check_inputs(
         )
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype == torch.float32 and q.is_cuda and not knobs.runtime.interpret:
+        raise TypeError(
+            "fp32 attention on CUDA belongs to the PyTorch path (LONGEMBED_KERNELS=auto or torch): an fp32 "
+            "flash kernel spills registers on sm_80/sm_90; the fp32 variant serves the interpreter tests"
+        )
     if q.shape[2] not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {q.shape[2]}")
     if any(t.stride(2) != 1 for t in (q, k, v)):
@@ -270,12 +273,12 @@ def alibi_flash_attention(
 ) -> torch.Tensor:
     """Bidirectional attention over packed sequences, ALiBi bias -slope_h * |i - j| computed in-kernel.
 
-    q, k, v: (total_tokens, heads, head_dim) fp16/bf16/fp32, head_dim 32/64/128, last dim contiguous;
+    q, k, v: (total_tokens, heads, head_dim) fp16/bf16 (fp32 only under TRITON_INTERPRET, for tests),
+    head_dim 32/64/128, last dim contiguous;
     cu_seqlens: (n + 1,) int32 offsets of each sequence (first 0, last total_tokens, non-decreasing);
     max_seqlen: accepted for the varlen-attention signature; the launcher reads the true longest length
-    from cu_seqlens (it picks the autotune bucket); alibi_slopes: (heads,) or None
-    for plain attention; scale: softmax scale, default 1/sqrt(head_dim). fp32 inputs use exact (IEEE)
-    dot products. Returns (total_tokens, heads, head_dim) in q's dtype.
+    from cu_seqlens (it picks the autotune bucket); alibi_slopes: (heads,) or None for plain attention;
+    scale: softmax scale, default 1/sqrt(head_dim). Returns (total_tokens, heads, head_dim) in q's dtype.
     """
     _check_inputs(q, k, v, cu_seqlens, alibi_slopes)
     total, heads, head_dim = q.shape
@@ -309,7 +312,6 @@ def alibi_flash_attention(
         v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         scale * LOG2E, triton.next_power_of_2(longest),
         HEAD_DIM=head_dim, BLOCK_M=block_m, HAS_ALIBI=alibi_slopes is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     return out
 
