@@ -51,7 +51,7 @@ def test_packed_batch_equals_one_at_a_time(model, texts, ours):
 def test_order_preserved_under_shuffled_lengths_and_budgets(model, texts, ours):
     perm = np.random.default_rng(0).permutation(len(texts))
     shuffled = [texts[i] for i in perm]
-    for budget in (300, 4096, 1 << 20):  # many small batches, a few, one
+    for budget in (300, 1 << 20):  # many small batches, one
         got = model.embed(shuffled, batch_tokens=budget)
         assert np.abs(got - ours[perm]).max() <= 1e-5, budget
 
