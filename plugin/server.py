@@ -36,6 +36,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -49,6 +50,7 @@ SERVICE_USER = "longembed"
 LISTEN_HOST = "127.0.0.1"
 ROOT_HOME = Path("/var/lib/longembed")
 START_TIMEOUT_S = 60
+CRASH_WAIT_S = 15  # for a killed postmaster to be reaped and its backends to exit
 
 
 class ServerError(RuntimeError):
@@ -113,6 +115,15 @@ def conf_path(path: Path) -> str:
             "(set LONGEMBED_HOME / LONGEMBED_CACHE to such a path)"
         )
     return text
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of process `pid` (R, S, Z, ...) from /proc, or None when there is no such process."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat_line.rsplit(")", 1)[1].split()[0]  # after "pid (comm)", which may hold spaces
 
 
 def _free_port() -> int:
@@ -435,6 +446,25 @@ class EmbeddedServer:
             and (str(self.data_dir).encode() in cmdline)
         )
 
+    def _clear_after_crash(self, pid: int) -> None:
+        """postmaster.pid names `pid`, which is not our running postmaster: a crash left it.
+
+        PostgreSQL sees any existing pid as a live postmaster (kill(pid, 0)), a zombie included, and
+        uses the file to find old shared memory still in use by orphaned backends, so the file stays
+        whenever PostgreSQL can judge it: a killed postmaster is first waited for until it is reaped.
+        Only a pid that now belongs to an unrelated live process (reused after a crash or reboot) makes
+        us remove the lock files, in the data directory and in our private socket directory.
+        """
+        deadline = time.monotonic() + CRASH_WAIT_S
+        while _process_state(pid) == "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _process_state(pid) is None:
+            return  # gone: PostgreSQL recovers on its own
+        (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+        for lock in self.socket_dir.glob(".s.PGSQL.*.lock"):
+            if lock.read_text(errors="replace").split("\n", 1)[0].strip() == str(pid):
+                lock.unlink(missing_ok=True)
+
     def _pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = [str(self.pginstall() / "bin" / "pg_ctl"), "-D", str(self.data_dir), *args]
         result = subprocess.run(
@@ -490,18 +520,23 @@ class EmbeddedServer:
             self._initdb(bin_dir)
         pid = self._pid_file_pid()
         if pid is not None and not self._is_our_postmaster(pid):
-            # Left by a crash; its pid now names another process (or none). PostgreSQL would refuse
-            # to start while that pid lives, so the file goes.
-            (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+            self._clear_after_crash(pid)
         self._write_settings(port)
-        result = self._pg_ctl(
-            "start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.log_file), "-s", check=False
-        )
-        if result.returncode != 0:
-            raise ServerError(
-                f"the server did not start ({(result.stderr or result.stdout).strip()}); "
-                f"last lines of {self.log_file}:\n{self._log_tail()}"
+        deadline = time.monotonic() + CRASH_WAIT_S
+        while True:
+            result = self._pg_ctl(
+                "start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.log_file), "-s", check=False
             )
+            if result.returncode == 0:
+                break
+            # Backends of a killed postmaster exit within moments of noticing; PostgreSQL refuses to
+            # start while one still holds the old shared memory. Give them that moment.
+            if "still in use" not in self._log_tail(5) or time.monotonic() > deadline:
+                raise ServerError(
+                    f"the server did not start ({(result.stderr or result.stdout).strip()}); "
+                    f"last lines of {self.log_file}:\n{self._log_tail()}"
+                )
+            time.sleep(0.5)
         self._save_state({"port": port})
         self._ensure_database()
 
