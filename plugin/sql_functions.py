@@ -6,7 +6,8 @@ loaded by a backend's first call (~2 s) and reused by every later call of that b
 are kept too: a STABLE function is evaluated once per row where the planner cannot hoist it (a WHERE
 clause on a sequential scan), and the cache turns those repeats into a dictionary lookup.
 
-Model: the setting `longembed.model` (`SET longembed.model = 'path/or/hub-id'`), else the bundled one.
+Model: the setting `longembed.model` (`SET longembed.model = 'path/or/hub-id'`), else the bundled one;
+roles without superuser rights may only name models that a collection already uses.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _CACHE_MAX_CHARS = 10_000  # longer texts are not kept: the cache must stay smal
 _INVALID_PARAMETER = "22023"
 _UNDEFINED_OBJECT = "42704"
 _DATA_EXCEPTION = "22000"
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 _results: OrderedDict[tuple[str, str, str], str] = OrderedDict()
 texts_embedded = 0  # texts this backend sent to the model (diagnostics: the cache at work)
@@ -37,9 +39,25 @@ def vector_literal(vector: np.ndarray) -> str:
 
 
 def _model_name(plpy: Any) -> str | None:
-    rows = plpy.execute(f"SELECT pg_catalog.current_setting('{MODEL_SETTING}', true) AS name")
-    name = rows[0]["name"] if rows.nrows() else None
-    return name or None  # unset (NULL) or RESET ('') -> the bundled default
+    """The model `longembed.model` names (None: the bundled one).
+
+    Any session may SET the setting, and the backend reads model files as the server's operating-system
+    user, so a role without superuser rights may only name a model some collection already uses.
+    """
+    rows = plpy.execute(
+        f"""SELECT pg_catalog.current_setting('{MODEL_SETTING}', true) AS name,
+                   (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) AS superuser"""
+    )
+    name = rows[0]["name"] or None  # unset (NULL) or RESET ('') -> the bundled default
+    if name is not None and not rows[0]["superuser"]:
+        plan = plpy.prepare("SELECT 1 FROM longembed.collections WHERE model_name = $1 LIMIT 1", ["text"])
+        if not plpy.execute(plan, [name]).nrows():
+            plpy.error(
+                f"longembed: only a superuser may load model {name!r}, which no collection uses",
+                hint=f"RESET {MODEL_SETTING} for the bundled model, or ask an administrator",
+                sqlstate=_INSUFFICIENT_PRIVILEGE,
+            )
+    return name
 
 
 def _load(plpy: Any, name: str | None) -> Any:

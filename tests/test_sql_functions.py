@@ -305,3 +305,26 @@ def test_user_functions_in_public_are_left_alone(pg_dsn):
         )
         migrate(conn)
         assert conn.execute("SELECT public.embed('hello', 'query')").fetchone() == ("mine",)
+
+
+def test_only_superusers_choose_arbitrary_models(conn, model, collection):
+    """Any session may SET longembed.model; a plain role may only name a model a collection uses."""
+    role = "le_plain_" + collection
+    conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA longembed TO {}").format(sql.Identifier(role)))
+    conn.execute(sql.SQL("GRANT SELECT ON longembed.collections TO {}").format(sql.Identifier(role)))
+    try:
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        conn.execute("SET longembed.model = '/etc'")
+        with pytest.raises(errors.InsufficientPrivilege, match="only a superuser may load model '/etc'"):
+            conn.execute("SELECT embed('text')")
+        conn.execute("SELECT set_config('longembed.model', %s, false)", (model.info.name,))  # a collection's
+        want = model.embed(["text"], kind="query")[0]
+        np.testing.assert_allclose(_vector(conn, "SELECT embed('text')"), want, atol=1e-5)
+        conn.execute("RESET longembed.model")
+        np.testing.assert_allclose(_vector(conn, "SELECT embed('text')"), want, atol=1e-5)
+    finally:
+        conn.execute("RESET ROLE")
+        conn.execute("RESET longembed.model")
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
