@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from plugin.server import EmbeddedServer, ServerError, resolve_dsn
+from plugin.server import EmbeddedServer, ServerError, bundled_pginstall, resolve_dsn
 
 EXIT_ERROR = 2
 
@@ -106,10 +106,15 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     """Exit status 0 when running, 3 when not (as pg_ctl status), so scripts can test it."""
-    status = EmbeddedServer().status()
+    from plugin import plpython_setup
+
+    server = EmbeddedServer()
+    status = server.status()
+    plpython = plpython_setup.installed_dir(bundled_pginstall())  # a copy would have the same version
     if args.json:
-        print(json.dumps(status.as_dict(), indent=2))
-    elif status.running:
+        print(json.dumps(status.as_dict() | {"plpython": str(plpython) if plpython else None}, indent=2))
+        return 0 if status.running else 3
+    if status.running:
         print(
             f"running: pid {status.pid}, 127.0.0.1:{status.port}, "
             f"data {status.data_dir}, user {status.run_as}"
@@ -118,6 +123,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"stopped (data in {status.data_dir}); start it with `longembed up`")
     else:
         print(f"not set up ({status.home}); start it with `longembed up`")
+    print(f"PL/Python: {plpython}" if plpython else "PL/Python: not built (`longembed setup-plpython`)")
     return 0 if status.running else 3
 
 
@@ -131,8 +137,6 @@ def _cmd_dsn(args: argparse.Namespace) -> int:
 
 def _cmd_psql(args: argparse.Namespace) -> int:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    from plugin.server import bundled_pginstall
 
     dsn = resolve_dsn(args)
     # The password travels in the environment, not in argv (visible to every user in ps).
@@ -157,7 +161,8 @@ def _cmd_setup_plpython(args: argparse.Namespace) -> int:
     from plugin import plpython_setup
 
     server = EmbeddedServer()
-    folder = plpython_setup.setup(server.pginstall(), force=args.force)
+    # The bundled pg_config, even where the server runs a copy (same version, same build).
+    folder = plpython_setup.setup(bundled_pginstall(), force=args.force)
     if server.running_pid() is not None:
         server.reload_settings()
         print("the running server now finds plpython3u (settings reloaded)")

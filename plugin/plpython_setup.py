@@ -220,6 +220,12 @@ def setup(pginstall: Path | None = None, *, force: bool = False, log=print) -> P
     pginstall = pginstall or bundled_pginstall()
     target = build_dir(pginstall)
     if (target / _COMPLETE).is_file() and not force:
+        group = _service_group()
+        if group is not None and any(p.stat().st_gid != group for p in (target, *target.parents[:2])):
+            # Built while another service user was configured: hand the group to the current one.
+            for folder in (cache_root(), cache_root() / "plpython"):
+                os.chown(folder, 0, group)
+            _restrict(target, group)
         log(f"plpython3u already built in {target}")
         return target
     _check_tools()

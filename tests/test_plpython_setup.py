@@ -75,37 +75,63 @@ def _apt_state() -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not AS_ROOT, reason="the cold build is exercised as root, as the test command runs it")
-def test_cold_build_leaves_the_system_apt_configuration_alone(monkeypatch):
-    """A full build (download, extract, compile) into an empty cache; apt's own files are untouched."""
+@pytest.mark.skipif(not AS_ROOT, reason="the fresh-machine path (creating the service user) needs root")
+def test_fresh_machine_build_leaves_the_system_apt_configuration_alone(monkeypatch, capsys):
+    """As the test command runs it on a fresh machine: no service user, no cache, no server yet.
+
+    A full build (download, extract, compile) through the CLI into an empty cache; the system's apt
+    files are untouched; a running server picks the build up by a settings reload.
+    """
     scratch = Path("/tmp") / f"longembed-cold-{uuid.uuid4().hex[:10]}"  # the service user reaches /tmp/*
+    user = f"le_t{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("LONGEMBED_CACHE", str(scratch / "cache"))
+    monkeypatch.setenv("LONGEMBED_HOME", str(scratch / "home"))
+    monkeypatch.setenv("LONGEMBED_SERVICE_USER", user)
     scratch.mkdir(mode=0o755)
-    server = EmbeddedServer(scratch / "home", durable=False)
     try:
-        server.start()  # before the build: no PL/Python yet
-        with psycopg.connect(server.dsn(), autocommit=True) as conn:
-            assert (
-                conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'plpython3u'").fetchone()
-                is None
-            )
+        assert main(["status"]) == 3  # looks, creates nothing
+        assert "not built" in capsys.readouterr().out
+        assert not (scratch / "home").exists()
         before = _apt_state()
         started = time.monotonic()
-        folder = plpython_setup.setup(bundled_pginstall())
+        assert main(["setup-plpython"]) == 0
         print(f"cold setup-plpython: {time.monotonic() - started:.1f} s")
-        assert (folder / "lib" / "plpython3.so").is_file()
-        assert folder.is_relative_to(scratch / "cache")
+        assert pwd.getpwnam(user).pw_gid == (scratch / "cache").stat().st_gid  # created for the build
         assert _apt_state() == before
-        # What `longembed setup-plpython` does for a running server: the new settings, no restart.
-        server.reload_settings()
+        server = EmbeddedServer(durable=False)
+        server.start()
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             conn.execute("CREATE EXTENSION plpython3u")
             conn.execute(
                 "CREATE FUNCTION py_sum(a int, b int) RETURNS int LANGUAGE plpython3u AS 'return a + b'"
             )
             assert conn.execute("SELECT py_sum(40, 2)").fetchone() == (42,)
+    finally:
+        EmbeddedServer().stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+        subprocess.run(["userdel", user], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not AS_ROOT, reason="the cold build is exercised as root, as the test command runs it")
+def test_a_running_server_picks_up_a_new_build(monkeypatch):
+    """`longembed setup-plpython` after `longembed up`: the server reloads its settings, no restart."""
+    scratch = Path("/tmp") / f"longembed-cold-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("LONGEMBED_CACHE", str(scratch / "cache"))
+    monkeypatch.setenv("LONGEMBED_HOME", str(scratch / "home"))
+    scratch.mkdir(mode=0o755)
+    server = EmbeddedServer(durable=False)
+    try:
+        server.start()
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            available = "SELECT 1 FROM pg_available_extensions WHERE name = 'plpython3u'"
+            assert conn.execute(available).fetchone() is None
+        assert main(["setup-plpython"]) == 0
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION plpython3u")
+            conn.execute("DO LANGUAGE plpython3u 'plpy.notice(\"ok\")'")
             (path,) = conn.execute("SELECT current_setting('dynamic_library_path')").fetchone()
-            assert str(folder / "lib") in path
+            assert str(scratch / "cache") in path
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
