@@ -19,6 +19,10 @@ a server nobody stops. This launcher runs the bundled initdb / pg_ctl itself:
 
 The backend gets PYTHONPATH from the running interpreter (the project and its site-packages), so the
 PL/Python functions (`plpython3u`, built by `longembed setup-plpython`) import `encoder` and `plugin`.
+
+Settings: LONGEMBED_HOME (the home), LONGEMBED_PORT, LONGEMBED_SERVICE_USER (as root; default
+`longembed`), LONGEMBED_CACHE (the PL/Python build, plugin.plpython_setup); LONGEMBED_DSN or --dsn
+bypass the embedded server altogether (resolve_dsn).
 """
 
 from __future__ import annotations
