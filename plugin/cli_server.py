@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from plugin.server import EmbeddedServer, ServerError, bundled_pginstall, resolve_dsn
 
@@ -48,9 +50,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_guard(_cmd_setup_plpython))
 
 
-def _guard(fn):
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Expected failures: one line on stderr, exit status 2, no traceback."""
 
+    @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
         from plugin.plpython_setup import PlpythonSetupError
 
