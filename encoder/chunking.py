@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+MODES = ("full", "chunk", "late")  # one vector per text | token windows | windows of one pass
+
 
 def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
     """[start, end) token windows of at most `size` tokens, consecutive ones sharing `overlap` tokens.

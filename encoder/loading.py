@@ -16,16 +16,13 @@ import torch
 from tokenizers import Tokenizer
 
 from encoder.bert import Bert, BertConfig
+from encoder.files import ModelLoadError, read_json_object
 from encoder.jina_bert import JinaBert, JinaBertConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Heads and buffers of pre-training checkpoints that an embedding model does not use.
 IGNORED_KEY_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids", "lm_head.")
-
-
-class ModelLoadError(ValueError):
-    """The model could not be found or is not one longembed can run; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -80,17 +77,6 @@ def _hub_snapshot(repo_id: str) -> Path:
     except Exception as exc:  # the hub client raises many types: offline, 404, gated, network
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
         raise ModelLoadError(f"could not get {repo_id!r} from the Hugging Face hub{hint}: {exc}") from exc
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file holding an object (a model folder's config files), or a ModelLoadError saying why not."""
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
 
 
 def read_config(folder: Path) -> tuple[str, BertConfig | JinaBertConfig]:

@@ -16,11 +16,13 @@ from tqdm import tqdm
 
 import triton_kernels
 from encoder.batching import Sequence, pack, plan_batches
-from encoder.chunking import char_span, windows
+from encoder.chunking import MODES, char_span, windows
 from encoder.loading import LoadedModel, load
 from encoder.profiles import KINDS, profile_for
 
-MODES = ("full", "chunk", "late")
+# Full mode tokenises a long text's head only: this many characters per token to keep is far more than
+# any BERT-family vocabulary needs (English averages 4-5), and a too-short head falls back to all of it.
+HEAD_CHARS_PER_TOKEN = 16
 DEFAULT_CHUNK_TOKENS = 512  # capped further by what fits in the model's window
 # Token budget per packed batch: CPU matmuls run best on cache-sized batches, GPUs want big ones.
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
@@ -134,7 +136,7 @@ class EmbeddingModel:
             raise ValueError(
                 f"late chunking needs mean pooling; {self.info.name} pools with {self.info.pooling!r}"
             )
-        encodings = self._m.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        encodings = self._tokenize(texts, room if mode == "full" else None)
 
         sequences: list[Sequence] = []
         layout: list[list[tuple[int, int, int, bool]]] = []  # per text: (start, end, n_tokens, truncated)
@@ -182,6 +184,22 @@ class EmbeddingModel:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _tokenize(self, texts: list[str], keep: int | None) -> list:
+        """Encodings with character offsets. With `keep`, only a text's first `keep` tokens matter
+        (full mode): a long text is tokenised up to a whitespace boundary far enough in to yield
+        more than `keep` tokens, so a 100 MB text costs what its head costs. Tokens before a
+        whitespace boundary do not depend on what follows it."""
+        tokenizer = self._m.tokenizer
+        if keep is None:
+            return tokenizer.encode_batch(texts, add_special_tokens=False)
+        limit = keep * HEAD_CHARS_PER_TOKEN
+        heads = [_head(text, limit) for text in texts]
+        encodings = tokenizer.encode_batch(heads, add_special_tokens=False)
+        for i, (text, head) in enumerate(zip(texts, heads, strict=True)):
+            if head is not text and len(encodings[i].ids) <= keep:  # the head was too short: all of it
+                encodings[i] = tokenizer.encode(text, add_special_tokens=False)
+        return encodings
+
     def _prefix(self, kind: str, instruction: str | None) -> list[int]:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -227,6 +245,14 @@ class EmbeddingModel:
             bar.update(batch.n_tokens)
         bar.close()
         return out
+
+
+def _head(text: str, limit: int) -> str:
+    """`text` cut at the last whitespace before `limit` characters (the text itself if shorter)."""
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind(space, 0, limit) for space in " \n\t\r")
+    return text[:cut] if cut > 0 else text
 
 
 def _check_texts(texts: Seq[str]) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.model import DTYPES, MODES
+from encoder.chunking import MODES
 from encoder.profiles import KINDS
 
 PROGRESS_MIN_TEXTS = 1000
@@ -58,7 +58,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="token budget per batch (default: 4096 on CPU, 16384 on CUDA)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--empty", choices=("skip", "error"), default="skip", help="what to do with empty lines")
     p.add_argument(
         "--progress",

@@ -116,3 +116,22 @@ def test_cuda_bf16_matches_cpu(texts, ours):
     gpu = load_model(device="cuda")
     cosine = (gpu.embed(texts) * ours).sum(axis=1)
     assert cosine.min() >= 0.999
+
+
+def test_full_mode_tokenises_only_the_head_with_the_same_tokens(model, texts):
+    """Full mode tokenises a long text up to a whitespace boundary; the kept tokens must be exactly
+    those of tokenising the whole text, including texts whose head is too short (long 'words')."""
+    keep = model.info.max_tokens - 2
+    tricky = [
+        "x" * 5000 + " tail",  # no whitespace inside the head limit: falls back to the whole text
+        "a-b.c/d " * 2000,  # punctuation splits: many tokens per whitespace word
+        "日本語のテキスト" * 1500,  # no whitespace at all
+        " \n".join(["word"] * 3000),
+    ]
+    long_texts = [t for t in texts if len(t) > 1000] + tricky
+    whole = model._tokenize(long_texts, None)
+    heads = model._tokenize(long_texts, keep)
+    for text, a, b in zip(long_texts, whole, heads, strict=True):
+        assert a.ids[:keep] == b.ids[:keep], text[:40]
+        assert a.offsets[:keep] == b.offsets[:keep]
+        assert (len(a.ids) > keep) == (len(b.ids) > keep)
