@@ -414,3 +414,17 @@ def test_resolve_dsn_order(home, monkeypatch):
     monkeypatch.setenv("LONGEMBED_DSN", "postgresql://elsewhere/db")
     assert resolve_dsn(argparse.Namespace(dsn=None)) == "postgresql://elsewhere/db"
     assert resolve_dsn(argparse.Namespace(dsn="host=explicit")) == "host=explicit"
+
+
+def test_memory_is_sized_to_the_machine(pg_dsn):
+    """Shared buffers large enough for a 100k-vector HNSW index, bounded on big and small machines."""
+    assert server_module.memory_settings(24 << 30)[0] == "shared_buffers = '2048MB'"
+    assert server_module.memory_settings(2 << 30)[0] == "shared_buffers = '512MB'"
+    assert server_module.memory_settings(256 << 20)[0] == "shared_buffers = '128MB'"
+    expected_mib = int(server_module.memory_settings()[0].split("'")[1].removesuffix("MB"))
+    with psycopg.connect(pg_dsn) as conn:
+        [size] = conn.execute(
+            "SELECT setting::bigint * current_setting('block_size')::bigint FROM pg_settings "
+            "WHERE name = 'shared_buffers'"
+        ).fetchone()
+    assert size == expected_mib << 20
