@@ -118,7 +118,14 @@ def _missing_extension(conn: psycopg.Connection, extensions: tuple[str, ...]) ->
         installed, superuser = row
         if not installed and not superuser:
             return f"extension {ext} is not installed and only a superuser can install it"
+        if not superuser and _untrusted_language(conn, ext):
+            return f"functions in the untrusted language {ext} can only be created by a superuser"
     return None
+
+
+def _untrusted_language(conn: psycopg.Connection, name: str) -> bool:
+    row = conn.execute("SELECT NOT lanpltrusted FROM pg_language WHERE lanname = %s", (name,)).fetchone()
+    return bool(row and row[0])
 
 
 def migrate(conn: psycopg.Connection, package: str = "migrations") -> MigrationReport:

@@ -168,3 +168,37 @@ def test_failing_migration_is_not_recorded(dsn, tmp_path):
             assert conn.execute("SELECT to_regclass('longembed.half')").fetchone()[0] is None
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_non_superuser_owner_migrates_and_skips_untrusted_language_functions(dsn):
+    """A database owner without superuser (the usual app role): the schema migrates; the PL/Python
+    functions, which only a superuser may create, are skipped with the reason instead of failing."""
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    role = f"le_app_{os.getpid()}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        has_plpython = admin.execute(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'plpython3u'"
+        ).fetchone()[0]
+        if not has_plpython:
+            pytest.skip("the server has no plpython3u (run `longembed setup-plpython`)")
+        admin.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        admin.execute("CREATE EXTENSION IF NOT EXISTS plpython3u")
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'app-secret'").format(sql.Identifier(role)))
+        admin.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(admin.info.dbname), sql.Identifier(role)
+            )
+        )
+    try:
+        with psycopg.connect(make_conninfo(dsn, user=role, password="app-secret"), autocommit=True) as app:
+            report = migrate(app)
+            assert "0001_init.sql" in report.applied
+            assert "010_documents.sql" in report.functions
+            [skipped] = [s for s in report.skipped if s.startswith("020_embed.sql")]
+            assert "superuser" in skipped
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
