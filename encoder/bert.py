@@ -69,6 +69,29 @@ class SelfAttention(nn.Module):
         return self.norm(self.dense(ctx.reshape(total, hidden)) + x)
 
 
+def attention_state(state: dict[str, torch.Tensor], hf: str, ours: str) -> dict[str, torch.Tensor]:
+    """One layer's self-attention weights, checkpoint keys under `hf` -> ours under `ours`."""
+    mapped = {}
+    for kind in ("weight", "bias"):
+        qkv = [state[f"{hf}attention.self.{p}.{kind}"] for p in ("query", "key", "value")]
+        mapped[f"{ours}attention.qkv.{kind}"] = torch.cat(qkv)
+        mapped[f"{ours}attention.dense.{kind}"] = state[f"{hf}attention.output.dense.{kind}"]
+        mapped[f"{ours}attention.norm.{kind}"] = state[f"{hf}attention.output.LayerNorm.{kind}"]
+    return mapped
+
+
+def attention_shapes(hf: str, hidden: int) -> dict[str, tuple[int, ...]]:
+    """Checkpoint shapes of one layer's self-attention under `hf`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in ("self.query", "self.key", "self.value", "output.dense"):
+        shapes[f"{hf}attention.{name}.weight"] = (hidden, hidden)
+        shapes[f"{hf}attention.{name}.bias"] = (hidden,)
+    shapes[f"{hf}attention.output.LayerNorm.weight"] = shapes[f"{hf}attention.output.LayerNorm.bias"] = (
+        hidden,
+    )
+    return shapes
+
+
 class MLP(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -132,12 +155,8 @@ class Bert(nn.Module):
         }
         for i in range(config.num_hidden_layers):
             hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
+            mapped |= attention_state(state, hf, ours)
             for kind in ("weight", "bias"):
-                mapped[ours + f"attention.qkv.{kind}"] = torch.cat(
-                    [state[hf + f"attention.self.{p}.{kind}"] for p in ("query", "key", "value")]
-                )
-                mapped[ours + f"attention.dense.{kind}"] = state[hf + f"attention.output.dense.{kind}"]
-                mapped[ours + f"attention.norm.{kind}"] = state[hf + f"attention.output.LayerNorm.{kind}"]
                 mapped[ours + f"mlp.up.{kind}"] = state[hf + f"intermediate.dense.{kind}"]
                 mapped[ours + f"mlp.down.{kind}"] = state[hf + f"output.dense.{kind}"]
                 mapped[ours + f"mlp.norm.{kind}"] = state[hf + f"output.LayerNorm.{kind}"]
@@ -157,15 +176,8 @@ class Bert(nn.Module):
         }
         for i in range(config.num_hidden_layers):
             p = f"encoder.layer.{i}."
-            for name, out, in_ in (  # Linear layers: weight (out, in), bias (out,)
-                ("attention.self.query", h, h),
-                ("attention.self.key", h, h),
-                ("attention.self.value", h, h),
-                ("attention.output.dense", h, h),
-                ("intermediate.dense", inter, h),
-                ("output.dense", h, inter),
-            ):
+            shapes |= attention_shapes(p, h)
+            for name, out, in_ in (("intermediate.dense", inter, h), ("output.dense", h, inter)):
                 shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (out, in_), (out,)
-            for name in ("attention.output.LayerNorm", "output.LayerNorm"):
-                shapes[p + name + ".weight"] = shapes[p + name + ".bias"] = (h,)
+            shapes[p + "output.LayerNorm.weight"] = shapes[p + "output.LayerNorm.bias"] = (h,)
         return shapes

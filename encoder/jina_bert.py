@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoder.bert import SelfAttention
+from encoder.bert import SelfAttention, attention_shapes, attention_state
 
 GATED_ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU: `hidden_act: gelu` in the published configs
@@ -119,12 +119,8 @@ class JinaBert(nn.Module):
         }
         for i in range(config.num_hidden_layers):
             hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
+            mapped |= attention_state(state, hf, ours)
             for kind in ("weight", "bias"):
-                mapped[ours + f"attention.qkv.{kind}"] = torch.cat(
-                    [state[hf + f"attention.self.{p}.{kind}"] for p in ("query", "key", "value")]
-                )
-                mapped[ours + f"attention.dense.{kind}"] = state[hf + f"attention.output.dense.{kind}"]
-                mapped[ours + f"attention.norm.{kind}"] = state[hf + f"attention.output.LayerNorm.{kind}"]
                 mapped[ours + f"mlp.wo.{kind}"] = state[hf + f"mlp.wo.{kind}"]
                 mapped[ours + f"mlp.norm.{kind}"] = state[hf + f"mlp.layernorm.{kind}"]
             mapped[ours + "mlp.gated_layers.weight"] = state[hf + "mlp.gated_layers.weight"]
@@ -143,15 +139,8 @@ class JinaBert(nn.Module):
         }
         for i in range(config.num_hidden_layers):
             p = f"encoder.layer.{i}."
-            for name, out, in_ in (  # Linear layers: weight (out, in), bias (out,)
-                ("attention.self.query", h, h),
-                ("attention.self.key", h, h),
-                ("attention.self.value", h, h),
-                ("attention.output.dense", h, h),
-                ("mlp.wo", h, inter),
-            ):
-                shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (out, in_), (out,)
-            for name in ("attention.output.LayerNorm", "mlp.layernorm"):
-                shapes[p + name + ".weight"] = shapes[p + name + ".bias"] = (h,)
+            shapes |= attention_shapes(p, h)
+            shapes[p + "mlp.wo.weight"], shapes[p + "mlp.wo.bias"] = (h, inter), (h,)
+            shapes[p + "mlp.layernorm.weight"] = shapes[p + "mlp.layernorm.bias"] = (h,)
             shapes[p + "mlp.gated_layers.weight"] = (2 * inter, h)  # gate and value halves, no bias
         return shapes
