@@ -1,0 +1,53 @@
+"""`longembed quickstart`, the README's first command: its own embedded server, real ingest and search."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from plugin.cli import main
+from plugin.cli_quickstart import python_reference_corpus
+
+
+@pytest.fixture
+def own_home(monkeypatch):
+    home = Path("/tmp") / f"longembed-qs-{uuid.uuid4().hex[:8]}"  # reachable by the service user as root
+    monkeypatch.setenv("LONGEMBED_HOME", str(home))
+    monkeypatch.delenv("LONGEMBED_DSN", raising=False)
+    yield home
+    main(["down"])
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_default_corpus_is_the_python_language_reference(tmp_path):
+    folder = python_reference_corpus(tmp_path / "corpus")
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 79 and "try.txt" in files and "for.txt" in files
+    assert "except" in (folder / "try.txt").read_text()
+    before = (folder / "try.txt").stat().st_mtime_ns
+    python_reference_corpus(folder)  # a second run rewrites nothing
+    assert (folder / "try.txt").stat().st_mtime_ns == before
+
+
+def test_quickstart_ingests_searches_and_is_rerunnable(own_home, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "passwords.md").write_text(
+        "To reset your password, open Settings, choose Security and click Reset."
+    )
+    (docs / "billing.md").write_text("Invoices are sent on the first day of each month by email.")
+    (docs / "garden.txt").write_text("Tomatoes need six hours of sun and regular watering in summer.")
+    argv = ["quickstart", str(docs), "--query", "I forgot my login password", "--collection", "qs"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    ranked = [line for line in out.splitlines() if line.strip().startswith("1. ")]
+    assert ranked and "passwords.md" in ranked[-1]
+    assert "3 documents: 3 new" in out
+    assert "longembed.search('qs'" in out  # the SQL to try, PL/Python being built by the test command
+    assert (own_home / "pg").is_dir() and oct(own_home.stat().st_mode & 0o777) == "0o700"
+
+    assert main(argv) == 0  # again: same server, nothing re-embedded
+    assert "3 unchanged" in capsys.readouterr().out
