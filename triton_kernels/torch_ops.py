@@ -17,12 +17,6 @@ import torch.nn.functional as F
 _BLOCK_ELEMENTS = 32 * 1024 * 1024
 
 
-def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """Symmetric ALiBi bias -m_h * |i - j| as (heads, len(q_pos), len(k_pos)) in fp32."""
-    dist = (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32)
-    return -slopes.to(torch.float32)[:, None, None] * dist
-
-
 def varlen_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,23 +60,32 @@ def _equal_length_runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None, scale: float | None
 ) -> torch.Tensor:
-    """(count, heads, n, head_dim) sequences of one length; with ALiBi the bias is built for a bounded
+    """(count, heads, n, head_dim) sequences of one length; with ALiBi, scores are built for a bounded
     block of sequences and queries at a time, so memory stays O(block x n), not O(heads x n^2)."""
     if slopes is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    count, heads, n, _ = q.shape
+    count, heads, n, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else scale
     q_block = max(1, min(n, _BLOCK_ELEMENTS // (heads * n)))
     seq_block = max(1, _BLOCK_ELEMENTS // (heads * n * n))
     pos = torch.arange(n, device=q.device)
+    neg_slopes = -slopes.to(device=q.device, dtype=torch.float32).view(heads, 1, 1)
     out = torch.empty_like(q)
     for b0 in range(0, n, q_block):
         b1 = min(n, b0 + q_block)
-        bias = alibi_bias(slopes, pos[b0:b1], pos).to(q.dtype)  # (heads, block, n)
+        dist = (pos[b0:b1, None] - pos[None, :]).abs_().to(torch.float32)  # (block, n)
         for s0 in range(0, count, seq_block):
             s1 = min(count, s0 + seq_block)
-            out[s0:s1, :, b0:b1] = F.scaled_dot_product_attention(
-                q[s0:s1, :, b0:b1], k[s0:s1], v[s0:s1], attn_mask=bias, scale=scale
-            )
+            qb, kb, vb = q[s0:s1, :, b0:b1], k[s0:s1], v[s0:s1]
+            if q.dtype == torch.float32:
+                # Bias added in place into the score buffer: no (heads, block, n) bias tensor, and no
+                # masked-SDPA math path (1.85x faster at 8192 tokens, jina-base shape, on CPU).
+                scores = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale).addcmul_(neg_slopes, dist)
+                torch.softmax(scores, dim=-1, out=scores)  # in place: one buffer per block
+                out[s0:s1, :, b0:b1] = torch.matmul(scores, vb)
+            else:  # bf16/fp16: SDPA keeps the softmax in fp32
+                bias = (neg_slopes * dist).to(q.dtype)
+                out[s0:s1, :, b0:b1] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=scale)
     return out
 
 
