@@ -29,3 +29,14 @@ def fresh_database(server_dsn: str, prefix: str) -> Iterator[str]:
 
 def database_name(dsn: str) -> str:
     return conninfo_to_dict(dsn)["dbname"]
+
+
+@contextmanager
+def migrated_database(server_dsn: str, prefix: str) -> Iterator[str]:
+    """`fresh_database` with longembed's schema installed."""
+    from plugin.migrate import migrate
+
+    with fresh_database(server_dsn, prefix) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            migrate(conn)
+        yield url

@@ -24,12 +24,11 @@ from plugin.documents import (
     delete_documents,
     document_states,
 )
-from plugin.migrate import migrate
 from plugin.models import get_model
 from plugin.search import search
 from plugin.vectorize import unvectorize_table, vectorize_table
 from plugin.worker import Worker, WorkerConfig
-from tests.pgdb import fresh_database
+from tests.pgdb import migrated_database
 
 CORPUS = {
     "photosynthesis": "Plants capture sunlight in their chloroplasts and use its energy to turn water and "
@@ -80,9 +79,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def dsn(pg_dsn):
-    with fresh_database(pg_dsn, "le_search") as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            migrate(conn)
+    with migrated_database(pg_dsn, "le_search") as url:
         yield url
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import psycopg
 import pytest
 from psycopg import sql
 
@@ -24,10 +23,9 @@ from plugin import queue
 from plugin.collections import create_collection
 from plugin.db import connect
 from plugin.documents import Document, add_documents, document_states
-from plugin.migrate import migrate
 from plugin.models import get_model
 from plugin.worker import Worker, WorkerConfig
-from tests.pgdb import fresh_database
+from tests.pgdb import migrated_database
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = [
@@ -58,9 +56,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def dsn(pg_dsn):
-    with fresh_database(pg_dsn, "le_worker") as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            migrate(conn)
+    with migrated_database(pg_dsn, "le_worker") as url:
         yield url
 
 
