@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from encoder.jina_bert import alibi_slopes
-from triton_kernels import torch_ops
+from longembed.encoder.jina_bert import alibi_slopes
+from longembed.triton_kernels import torch_ops
 
 
 def sdpa_masked(q, k, v, slopes, scale):

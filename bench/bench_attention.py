@@ -48,7 +48,7 @@ def peak_flops(name: str) -> float | None:
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
-    from encoder.jina_bert import alibi_slopes as slopes
+    from longembed.encoder.jina_bert import alibi_slopes as slopes
 
     return slopes(heads)
 
@@ -142,7 +142,7 @@ def measure(fn: Callable[[], object], baseline: int) -> tuple[float, float]:
 
 
 def run_case(name: str, lengths: list[int], device: torch.device, peak: float | None) -> None:
-    from triton_kernels.flash_attention import alibi_flash_attention
+    from longembed.triton_kernels.flash_attention import alibi_flash_attention
 
     q, k, v, cu = make_inputs(lengths, device)
     slopes = alibi_slopes(HEADS).to(device)

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from encoder import load_model
+from longembed.encoder import load_model
 
 
 def mixed_length_texts(n: int, seed: int = 0) -> list[str]:

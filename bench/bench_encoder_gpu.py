@@ -56,8 +56,8 @@ def random_docs(n: int, low: int, high: int, vocab: int, seed: int) -> list[list
 
 @torch.inference_mode()
 def embed_packed(model, docs: list[list[int]], budget: int, device: torch.device) -> torch.Tensor:
-    import triton_kernels
-    from encoder.batching import Sequence, pack, plan_batches
+    from longembed import triton_kernels
+    from longembed.encoder.batching import Sequence, pack, plan_batches
 
     out = torch.empty((len(docs), model.config.hidden_size), dtype=torch.float32, device=device)
     for batch_ids in plan_batches([len(d) for d in docs], budget):
@@ -167,8 +167,8 @@ def main() -> None:
     require_cuda()
     import triton
 
-    from encoder.jina_bert import JinaBert, JinaBertConfig
-    from triton_kernels import dispatch
+    from longembed.encoder.jina_bert import JinaBert, JinaBertConfig
+    from longembed.triton_kernels import dispatch
 
     device = torch.device("cuda")
     torch.manual_seed(0)

@@ -10,9 +10,9 @@ uniform random on the sphere (the worst case for a graph index) and clustered wi
 dimension (closer to text embeddings). Queries come from the same distribution and are not in the table.
 Recall@10 is measured against exact search (numpy brute force over the same vectors).
 - index alone: the bare `ORDER BY embedding <=> q LIMIT 10` statement on the chunk table;
-- plugin.search() with a query vector (= SQL longembed.search_vector: best chunk per document, join,
+- store.search() with a query vector (= SQL longembed.search_vector: best chunk per document, join,
   snippet);
-- end to end from Python: plugin.search() with query text (includes embedding the query);
+- end to end from Python: store.search() with query text (includes embedding the query);
 - end to end from SQL: `SELECT * FROM longembed.search(collection, text, 10)` (PL/Python embeds the
   query in the backend), where that function is installed (server with plpython3u).
 
@@ -41,13 +41,13 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from plugin.collections import create_collection
-from plugin.db import connect, register_vector_if_installed
-from plugin.documents import Document, add_documents
-from plugin.migrate import migrate
-from plugin.models import get_model
-from plugin.search import search
-from plugin.worker import Worker, WorkerConfig
+from longembed.plugin.db import connect, register_vector_if_installed
+from longembed.plugin.migrate import migrate
+from longembed.plugin.models import get_model
+from longembed.plugin.pipeline.worker import Worker, WorkerConfig
+from longembed.plugin.store.collections import create_collection
+from longembed.plugin.store.documents import Document, add_documents
+from longembed.plugin.store.search import search
 
 MODULES = [
     "json",
@@ -196,7 +196,7 @@ def recall(found: list[list[int]], truth: np.ndarray) -> float:
 
 
 def bench_index(conn, collection, ids, vectors, queries, ef_values) -> list[str]:
-    """Latency and recall@10 of the bare index statement and of plugin.search() with a query vector."""
+    """Latency and recall@10 of the bare index statement and of store.search() with a query vector."""
     lines = []
     row_of_id = {doc_id: i for i, doc_id in enumerate(ids)}
     truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
@@ -225,7 +225,7 @@ def bench_index(conn, collection, ids, vectors, queries, ef_values) -> list[str]
             times.append(time.perf_counter() - t0)
             found.append([int(r.external_id[1:]) for r in results])
         lines.append(
-            f"| {label} | plugin.search(vector) = longembed.search_vector, ef_search {ef} "
+            f"| {label} | longembed.plugin.store.search(vector) = longembed.search_vector, ef_search {ef} "
             f"| {percentiles(times)} | {recall(found, truth):.3f} |"
         )
     conn.execute("RESET hnsw.ef_search")
@@ -264,7 +264,7 @@ def bench_end_to_end(conn, model, collection, n_queries: int) -> list[str]:
         t0 = time.perf_counter()
         search(conn, collection, text, k=10, model=model)
         times.append(time.perf_counter() - t0)
-    lines.append(f"| {label} | end to end, Python: plugin.search(text) | {percentiles(times)} | as index |")
+    lines.append(f"| {label} | end to end, Python: store.search(text) | {percentiles(times)} | as index |")
     lines.append(f"| {label} | (embedding the query alone, Python) | {percentiles(embed_times)} | |")
     if conn.execute("SELECT to_regproc('longembed.search') IS NOT NULL").fetchone()[0]:
         statement = "SELECT * FROM longembed.search(%s, %s, 10)"

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton
 
-from triton_kernels import aot
+from longembed.triton_kernels import aot
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM, dense bf16 tensor-core peak
 H100_HBM_BYTES_PER_S = 3.35e12  # HBM3

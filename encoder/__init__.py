@@ -1,6 +1,6 @@
 """Text -> vectors: BERT and JinaBERT encoders on packed batches, with prefixes and long-document modes.
 
-    from encoder import load_model
+    from longembed.encoder import load_model
     model = load_model()                                  # bundled all-MiniLM-L6-v2, no network
     vectors = model.embed(["how do I reset a password"], kind="query")
     chunks = model.embed_chunks(documents, mode="chunk", chunk_tokens=256, overlap=32)
@@ -15,15 +15,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from encoder.files import ModelLoadError
-    from encoder.model import Chunk, EmbeddingModel, ModelInfo, load_model
+    from longembed.encoder.files import ModelLoadError
+    from longembed.encoder.model import Chunk, EmbeddingModel, ModelInfo, load_model
 
 _EXPORTS = {
-    "Chunk": "encoder.model",
-    "EmbeddingModel": "encoder.model",
-    "ModelInfo": "encoder.model",
-    "load_model": "encoder.model",
-    "ModelLoadError": "encoder.files",
+    "Chunk": "longembed.encoder.model",
+    "EmbeddingModel": "longembed.encoder.model",
+    "ModelInfo": "longembed.encoder.model",
+    "load_model": "longembed.encoder.model",
+    "ModelLoadError": "longembed.encoder.files",
 }
 __all__ = ["Chunk", "EmbeddingModel", "ModelInfo", "ModelLoadError", "load_model"]
 

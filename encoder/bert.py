@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import triton_kernels
+from longembed import triton_kernels
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as in the original BERT

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoder.bert import SelfAttention, attention_shapes, attention_state
+from longembed.encoder.bert import SelfAttention, attention_shapes, attention_state
 
 GATED_ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU: `hidden_act: gelu` in the published configs

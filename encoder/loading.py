@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from encoder.bert import Bert, BertConfig
-from encoder.files import ModelLoadError, read_json_object
-from encoder.jina_bert import JinaBert, JinaBertConfig
+from longembed.encoder.bert import Bert, BertConfig
+from longembed.encoder.files import ModelLoadError, read_json_object
+from longembed.encoder.jina_bert import JinaBert, JinaBertConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import triton_kernels
-from encoder.batching import Sequence, pack, plan_batches
-from encoder.chunking import MODES, char_span, windows
-from encoder.loading import LoadedModel, load
-from encoder.profiles import KINDS, profile_for
+from longembed import triton_kernels
+from longembed.encoder.batching import Sequence, pack, plan_batches
+from longembed.encoder.chunking import MODES, char_span, windows
+from longembed.encoder.loading import LoadedModel, load
+from longembed.encoder.profiles import KINDS, profile_for
 
 # Full mode tokenises a long text's head only: this many characters per token to keep is far more than
 # any BERT-family vocabulary needs (English averages 4-5), and a too-short head falls back to all of it.

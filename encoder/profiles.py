@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encoder.files import ModelLoadError, read_json_object
+from longembed.encoder.files import ModelLoadError, read_json_object
 
 POOLING_MODES = ("mean", "cls")
 KINDS = ("query", "document")

@@ -70,7 +70,7 @@ def _requires(sql: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in match.group(1).split(",") if part.strip())
 
 
-def load_files(kind: str, package: str = "migrations") -> list[MigrationFile]:
+def load_files(kind: str, package: str = "longembed.migrations") -> list[MigrationFile]:
     """The packaged files of one kind ("version" or "function"), in name order."""
     folder = resources.files(package).joinpath("versions" if kind == "version" else "functions")
     if not folder.is_dir():
@@ -128,7 +128,7 @@ def _untrusted_language(conn: psycopg.Connection, name: str) -> bool:
     return bool(row and row[0])
 
 
-def migrate(conn: psycopg.Connection, package: str = "migrations") -> MigrationReport:
+def migrate(conn: psycopg.Connection, package: str = "longembed.migrations") -> MigrationReport:
     """Bring schema `longembed` up to date. Safe to run twice and from several processes at once.
 
     `conn` must not be inside a transaction; each file commits on its own, so a failing file leaves

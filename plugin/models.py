@@ -13,7 +13,7 @@ def get_model(name: str | None = None) -> Any:
     A collection records its model's `info.name`; the bundled default answers to its own name, so
     collections made with it load it offline.
     """
-    from encoder import load_model  # imports torch: only when a model is really needed
+    from longembed.encoder import load_model  # imports torch: only when a model is really needed
 
     if name is None:
         return load_model()

@@ -1,7 +1,7 @@
 """Bodies of the PL/Python SQL functions (migrations/functions/020_embed.sql).
 
 The SQL bodies are two lines: import this module, call one function with `plpy`. Everything else lives
-here, as plain Python. The module lives once per backend process, so the model (plugin.models) is
+here, as plain Python. The module lives once per backend process, so the model (longembed.plugin.models) is
 loaded by a backend's first call (~2 s) and reused by every later call of that backend. Recent results
 are kept too: a STABLE function is evaluated once per row where the planner cannot hoist it (a WHERE
 clause on a sequential scan), and the cache turns those repeats into a dictionary lookup.
@@ -61,8 +61,8 @@ def _model_name(plpy: Any) -> str | None:
 
 
 def _load(plpy: Any, name: str | None) -> Any:
-    from encoder import ModelLoadError
-    from plugin.models import get_model
+    from longembed.encoder import ModelLoadError
+    from longembed.plugin.models import get_model
 
     try:
         return get_model(name)
@@ -121,8 +121,8 @@ def embed_text(plpy: Any, text: str, kind: str) -> str:
 
 def embed_query(plpy: Any, collection: str, text: str) -> str:
     """The query vector of `text` for a collection: its model, its query prefix, its dimension."""
-    from plugin.collections import Collection
-    from plugin.search import embed_query as python_embed_query
+    from longembed.plugin.store.collections import Collection
+    from longembed.plugin.store.search import embed_query as python_embed_query
 
     plan = plpy.prepare("SELECT * FROM longembed.collections WHERE name = $1", ["text"])
     rows = plpy.execute(plan, [collection])

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def embedded_server() -> Iterator[object]:
     """A started EmbeddedServer in its own home; stopped and removed at the end of the session."""
-    from plugin.server import EmbeddedServer
+    from longembed.plugin.embedded.server import EmbeddedServer
 
     home = Path("/tmp") / f"longembed-test-{uuid.uuid4().hex[:12]}"
     server = EmbeddedServer(home, durable=False)  # no fsync: a throwaway server, several times faster

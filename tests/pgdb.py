@@ -34,7 +34,7 @@ def database_name(dsn: str) -> str:
 @contextmanager
 def migrated_database(server_dsn: str, prefix: str) -> Iterator[str]:
     """`fresh_database` with longembed's schema installed."""
-    from plugin.migrate import migrate
+    from longembed.plugin.migrate import migrate
 
     with fresh_database(server_dsn, prefix) as url:
         with psycopg.connect(url, autocommit=True) as conn:

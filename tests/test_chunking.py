@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from encoder import load_model
-from encoder.chunking import char_span, windows
+from longembed.encoder import load_model
+from longembed.encoder.chunking import char_span, windows
 from tests.jina_reference import minilm_folder
 from tests.texts import varied_texts
 

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from encoder import load_model
-from plugin.cli import main
+from longembed.encoder import load_model
+from longembed.plugin.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def run_cli(args, capsys):
 def test_stdin_lines_through_console_script(tmp_path, model):
     texts = ["first line", "", "second line", "  ", "naïve café 🙂"]
     proc = subprocess.run(
-        [sys.executable, "-m", "plugin.cli", "embed", "-"],
+        [sys.executable, "-m", "longembed.plugin.cli", "embed", "-"],
         input="\n".join(texts).encode(),
         capture_output=True,
         timeout=300,

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import psycopg
 import pytest
 
-from plugin.cli import main
-from plugin.documents import MAX_DOCUMENT_CHARS, document_states
+from longembed.plugin.cli import main
+from longembed.plugin.store.documents import MAX_DOCUMENT_CHARS, document_states
 from tests.pgdb import fresh_database
 
 

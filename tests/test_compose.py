@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plugin.cli import build_parser
+from longembed.plugin.cli import build_parser
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 

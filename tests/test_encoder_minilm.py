@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoder import load_model
+from longembed.encoder import load_model
 from tests.texts import varied_texts
 
 

@@ -13,10 +13,17 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from plugin.cli import main
-from plugin.collections import CollectionNotFound, create_collection, drop_collection, get_collection
-from plugin.db import connect
-from plugin.documents import (
+from longembed.plugin.cli import main
+from longembed.plugin.db import connect
+from longembed.plugin.models import get_model
+from longembed.plugin.pipeline.worker import Worker, WorkerConfig
+from longembed.plugin.store.collections import (
+    CollectionNotFound,
+    create_collection,
+    drop_collection,
+    get_collection,
+)
+from longembed.plugin.store.documents import (
     MAX_DOCUMENT_CHARS,
     Document,
     InvalidDocument,
@@ -24,10 +31,8 @@ from plugin.documents import (
     delete_documents,
     document_states,
 )
-from plugin.models import get_model
-from plugin.search import search
-from plugin.vectorize import unvectorize_table, vectorize_table
-from plugin.worker import Worker, WorkerConfig
+from longembed.plugin.store.search import search
+from longembed.plugin.store.vectorize import unvectorize_table, vectorize_table
 from tests.pgdb import migrated_database
 
 CORPUS = {

@@ -19,8 +19,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from encoder import ModelLoadError, load_model
-from encoder.jina_bert import alibi_slopes
+from longembed.encoder import ModelLoadError, load_model
+from longembed.encoder.jina_bert import alibi_slopes
 from tests.jina_reference import (
     jina_config,
     mean_pool_l2,
@@ -131,7 +131,7 @@ def test_1024_tokens_in_a_mixed_batch_match_reference(jina4):
 EMBED_8192 = """
 import json, resource, sys, time
 import numpy as np
-from encoder import load_model
+from longembed.encoder import load_model
 
 model = load_model(sys.argv[1], device="cpu")
 shorts = ["a short query", "another one"]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from encoder import ModelLoadError, load_model
-from encoder.profiles import BGE_QUERY, profile_for
+from longembed.encoder import ModelLoadError, load_model
+from longembed.encoder.profiles import BGE_QUERY, profile_for
 from tests.jina_reference import jina_config, minilm_folder, write_checkpoint
 
 MINILM_FILES = (

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from plugin.migrate import MigrationError, load_files, migrate
+from longembed.plugin.migrate import MigrationError, load_files, migrate
 from tests.pgdb import fresh_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_concurrent_runs_from_two_processes_serialise(dsn, tmp_path):
     _write_package(tmp_path, "slow_migrations", SLOW_PACKAGE)
     code = (
         "import json, sys, psycopg\n"
-        "from plugin.migrate import migrate\n"
+        "from longembed.plugin.migrate import migrate\n"
         "with psycopg.connect(sys.argv[1], autocommit=True) as c:\n"
         "    r = migrate(c, 'slow_migrations')\n"
         "print(json.dumps(r.__dict__))\n"

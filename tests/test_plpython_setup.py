@@ -1,4 +1,4 @@
-"""`longembed setup-plpython`: the PL/Python build for the bundled server (plugin.plpython_setup)."""
+"""`longembed setup-plpython`: the PL/Python build for the bundled server (embedded/plpython.py)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from plugin import plpython_setup
-from plugin.cli import main
-from plugin.plpython_setup import PlpythonSetupError
-from plugin.server import EmbeddedServer, bundled_pginstall
+from longembed.plugin.cli import main
+from longembed.plugin.embedded import plpython
+from longembed.plugin.embedded.plpython import PlpythonSetupError
+from longembed.plugin.embedded.server import EmbeddedServer, bundled_pginstall
 
 AS_ROOT = os.geteuid() == 0
 
 
 def test_second_run_uses_the_cache(capsys):
-    first = plpython_setup.setup()  # builds when the test command has not run setup-plpython yet
+    first = plpython.setup()  # builds when the test command has not run setup-plpython yet
     built = (first / "lib" / "plpython3.so").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["setup-plpython"]) == 0
@@ -34,7 +34,7 @@ def test_second_run_uses_the_cache(capsys):
 
 
 def test_build_links_the_system_python_and_is_private():
-    folder = plpython_setup.setup()
+    folder = plpython.setup()
     library = folder / "lib" / "plpython3.so"
     linked = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=True).stdout
     libpython = [line for line in linked.splitlines() if "libpython3" in line]
@@ -56,7 +56,7 @@ def test_missing_build_tools_are_named(tmp_path, monkeypatch):
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     with pytest.raises(PlpythonSetupError) as failure:
-        plpython_setup.setup(bundled_pginstall())
+        plpython.setup(bundled_pginstall())
     message = str(failure.value)
     for tool in ("apt-get", "perl", "gcc", "make"):
         assert tool in message

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from plugin.cli import main
-from plugin.cli_quickstart import python_reference_corpus
+from longembed.plugin.cli import main
+from longembed.plugin.cli.quickstart import python_reference_corpus
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from plugin.collections import create_collection
-from plugin.db import register_vector_if_installed
-from plugin.migrate import migrate
-from plugin.search import search
+from longembed.plugin.db import register_vector_if_installed
+from longembed.plugin.migrate import migrate
+from longembed.plugin.store.collections import create_collection
+from longembed.plugin.store.search import search
 from tests.pgdb import fresh_database
 
 ROWS = 3000  # where the planner clearly prefers the index for a custom plan (and not for a generic one)

@@ -1,4 +1,4 @@
-"""The embedded server launcher (plugin.server) and its CLI, on real PostgreSQL binaries.
+"""The embedded server launcher (longembed.plugin.embedded.server) and its CLI, on real PostgreSQL binaries.
 
 Every test starts its own server in its own home under /tmp (the session server of conftest.py is not
 touched), so stopping, killing and restarting here disturbs nobody.
@@ -26,9 +26,15 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from plugin import server as server_module
-from plugin.cli import main
-from plugin.server import EmbeddedServer, ServerError, bundled_pginstall, resolve_dsn, server_python_path
+from longembed.plugin.cli import main
+from longembed.plugin.embedded import server as server_module
+from longembed.plugin.embedded.server import (
+    EmbeddedServer,
+    ServerError,
+    bundled_pginstall,
+    resolve_dsn,
+    server_python_path,
+)
 
 AS_ROOT = os.geteuid() == 0
 
@@ -308,7 +314,7 @@ def _psql(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "LONGEMBED_DSN"}
     env["LONGEMBED_HOME"] = str(home)
     return subprocess.run(
-        [sys.executable, "-m", "plugin.cli", "psql", *args],
+        [sys.executable, "-m", "longembed.plugin.cli", "psql", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -358,7 +364,10 @@ def test_runs_as_a_plain_user_too(home):
     Python and this project's packages on PYTHONPATH (the venv's interpreter lives under /root)."""
     service = EmbeddedServer(home).service_user
     code = (
-        "from plugin.server import EmbeddedServer\n"
+        "import site, sys\n"
+        "for entry in [p for p in sys.path if p.endswith('-packages')]:\n"
+        "    site.addsitedir(entry)  # the editable install's .pth hook maps longembed.*\n"
+        "from longembed.plugin.embedded.server import EmbeddedServer\n"
         "import psycopg, sys\n"
         "s = EmbeddedServer(sys.argv[1], durable=False)\n"
         "status = s.start()\n"

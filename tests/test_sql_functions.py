@@ -12,13 +12,13 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from plugin.collections import create_collection
-from plugin.db import connect
-from plugin.documents import Document, add_documents
-from plugin.migrate import migrate
-from plugin.models import get_model
-from plugin.search import search
-from plugin.worker import Worker, WorkerConfig
+from longembed.plugin.db import connect
+from longembed.plugin.migrate import migrate
+from longembed.plugin.models import get_model
+from longembed.plugin.pipeline.worker import Worker, WorkerConfig
+from longembed.plugin.store.collections import create_collection
+from longembed.plugin.store.documents import Document, add_documents
+from longembed.plugin.store.search import search
 from tests.pgdb import fresh_database
 
 HOSTILE = [
@@ -204,7 +204,7 @@ def test_the_model_runs_once_per_query_text(conn, vectors_table):
     backend's cache answers; a filter on a sequential scan calls it per row, also from the cache."""
     conn.execute(
         """CREATE FUNCTION pg_temp.texts_embedded() RETURNS bigint LANGUAGE plpython3u AS
-           'from plugin import sql_functions; return sql_functions.texts_embedded'"""
+           'from longembed.plugin import sql_functions; return sql_functions.texts_embedded'"""
     )
     conn.execute("SET track_functions = 'pl'")
     try:

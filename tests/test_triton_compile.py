@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from triton_kernels import aot, flash_attention
+from longembed.triton_kernels import aot, flash_attention
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from encoder import load_model
-from encoder.jina_bert import alibi_slopes
+from longembed.encoder import load_model
+from longembed.encoder.jina_bert import alibi_slopes
+from longembed.triton_kernels import dispatch, segment_spans
+from longembed.triton_kernels.flash_attention import alibi_attention_reference
+from longembed.triton_kernels.pooling import segment_mean_pool_normalize_reference
+from longembed.triton_kernels.torch_ops import mean_pool_normalize_torch, varlen_attention_torch
 from tests.jina_reference import jina_config, reference_embed, write_checkpoint
-from triton_kernels import dispatch, segment_spans
-from triton_kernels.flash_attention import alibi_attention_reference
-from triton_kernels.pooling import segment_mean_pool_normalize_reference
-from triton_kernels.torch_ops import mean_pool_normalize_torch, varlen_attention_torch
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -258,8 +258,8 @@ def test_forced_triton_runs_the_interpreter_and_matches_torch(monkeypatch):
     torch.testing.assert_close(dispatch.mean_pool_normalize(q[:, 0], spans), pool_torch)
     # The interpreter copies live beside, not in place of, the compiled module other callers import.
     copy = dispatch._interpreted_modules()["flash_attention"]
-    assert copy.__name__ != "triton_kernels.flash_attention"
-    assert sys.modules.get("triton_kernels.flash_attention") is not copy
+    assert copy.__name__ != "longembed.triton_kernels.flash_attention"
+    assert sys.modules.get("longembed.triton_kernels.flash_attention") is not copy
 
 
 # --- the whole encoder with the kernels on and off ---------------------------------------------

@@ -19,12 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 from psycopg import sql
 
-from plugin import queue
-from plugin.collections import create_collection
-from plugin.db import connect
-from plugin.documents import Document, add_documents, document_states
-from plugin.models import get_model
-from plugin.worker import Worker, WorkerConfig
+from longembed.plugin.db import connect
+from longembed.plugin.models import get_model
+from longembed.plugin.pipeline import queue
+from longembed.plugin.pipeline.worker import Worker, WorkerConfig
+from longembed.plugin.store.collections import create_collection
+from longembed.plugin.store.documents import Document, add_documents, document_states
 from tests.pgdb import migrated_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,17 @@ def conn(dsn):
 
 def start_worker(dsn: str, collection: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "plugin.cli", "worker", "--dsn", dsn, "--collection", collection, *extra],
+        [
+            sys.executable,
+            "-m",
+            "longembed.plugin.cli",
+            "worker",
+            "--dsn",
+            dsn,
+            "--collection",
+            collection,
+            *extra,
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -5,7 +5,7 @@ forces a backend: `auto` (default: Triton for CUDA tensors when Triton imports),
 This package is plain tensor maths: it imports neither `encoder` nor `plugin`.
 """
 
-from triton_kernels.dispatch import attention, backend, mean_pool_normalize
-from triton_kernels.torch_ops import segment_spans
+from longembed.triton_kernels.dispatch import attention, backend, mean_pool_normalize
+from longembed.triton_kernels.torch_ops import segment_spans
 
 __all__ = ["attention", "backend", "mean_pool_normalize", "segment_spans"]

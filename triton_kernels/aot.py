@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from triton_kernels import flash_attention, pooling
+from longembed.triton_kernels import flash_attention, pooling
 
 ARCHS = (90, 80)
 DTYPES = ("fp16", "bf16")

@@ -26,7 +26,7 @@ from types import ModuleType
 
 import torch
 
-from triton_kernels.torch_ops import mean_pool_normalize_torch, varlen_attention_torch
+from longembed.triton_kernels.torch_ops import mean_pool_normalize_torch, varlen_attention_torch
 
 _CHOICES = ("auto", "triton", "torch")
 _KERNEL_MODULES = ("flash_attention", "pooling")
@@ -99,10 +99,13 @@ def triton_modules(device: torch.device) -> dict[str, ModuleType]:
             f"the Triton kernels need CUDA tensors, got {device}; set LONGEMBED_KERNELS=torch (or auto), "
             "or TRITON_INTERPRET=1 to run them on the CPU through Triton's interpreter (slow, for tests)"
         )
-    import triton_kernels.flash_attention
-    import triton_kernels.pooling
+    import longembed.triton_kernels.flash_attention
+    import longembed.triton_kernels.pooling
 
-    return {"flash_attention": triton_kernels.flash_attention, "pooling": triton_kernels.pooling}
+    return {
+        "flash_attention": longembed.triton_kernels.flash_attention,
+        "pooling": longembed.triton_kernels.pooling,
+    }
 
 
 def attention(

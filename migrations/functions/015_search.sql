@@ -1,4 +1,4 @@
--- Search in SQL: one implementation for every caller. plugin.search (Python), `longembed search` (CLI)
+-- Search in SQL: one implementation for every caller. longembed.plugin.store.search (Python), `longembed search` (CLI)
 -- and the SQL function longembed.search (text query, migrations/functions/020_embed.sql) all end here,
 -- so they return the same documents with the same scores.
 --

@@ -1,7 +1,7 @@
 -- requires: plpython3u
 -- SQL embed() and search() (PL/Python). Rerun on every migrate (CREATE OR REPLACE); skipped with a notice
 -- by the runner where the server has no plpython3u (`longembed setup-plpython` builds it for the embedded
--- server). The bodies only import plugin.sql_functions and pass `plpy` on; the backend finds the module
+-- server). The bodies only import longembed.plugin.sql_functions and pass `plpy` on; the backend finds the module
 -- through PYTHONPATH, which `longembed up` sets from the interpreter that runs it.
 --
 -- STABLE: `ORDER BY embedding <=> embed('...') LIMIT k` then evaluates embed() once and walks the HNSW
@@ -18,7 +18,10 @@ LANGUAGE plpython3u STRICT STABLE PARALLEL RESTRICTED
 SET search_path = pg_catalog, pg_temp
 AS $body$
 try:
-    from plugin import sql_functions
+    import site, sys
+    for entry in [p for p in sys.path if p.endswith("-packages")]:
+        site.addsitedir(entry)  # runs the editable install's .pth hook, which maps longembed.*
+    from longembed.plugin import sql_functions
 except ImportError as exc:
     plpy.error("longembed: the server's Python cannot import longembed (%s)" % exc,
                hint="start the server with `longembed up` from longembed's environment, or put its "
@@ -32,7 +35,10 @@ LANGUAGE plpython3u STRICT STABLE PARALLEL RESTRICTED
 SET search_path = pg_catalog, pg_temp
 AS $body$
 try:
-    from plugin import sql_functions
+    import site, sys
+    for entry in [p for p in sys.path if p.endswith("-packages")]:
+        site.addsitedir(entry)  # runs the editable install's .pth hook, which maps longembed.*
+    from longembed.plugin import sql_functions
 except ImportError as exc:
     plpy.error("longembed: the server's Python cannot import longembed (%s)" % exc,
                hint="start the server with `longembed up` from longembed's environment, or put its "
@@ -47,7 +53,10 @@ LANGUAGE plpython3u STRICT STABLE PARALLEL RESTRICTED
 SET search_path = pg_catalog, pg_temp
 AS $body$
 try:
-    from plugin import sql_functions
+    import site, sys
+    for entry in [p for p in sys.path if p.endswith("-packages")]:
+        site.addsitedir(entry)  # runs the editable install's .pth hook, which maps longembed.*
+    from longembed.plugin import sql_functions
 except ImportError as exc:
     plpy.error("longembed: the server's Python cannot import longembed (%s)" % exc,
                hint="start the server with `longembed up` from longembed's environment, or put its "
@@ -55,7 +64,7 @@ except ImportError as exc:
 return sql_functions.embed_query(plpy, collection, query)
 $body$;
 
--- Top-k documents of a collection for a text query: the same rows as plugin.search.search() and
+-- Top-k documents of a collection for a text query: the same rows as longembed.plugin.store.search.search() and
 -- `longembed search` (all three end in longembed.search_vector / search_hybrid, 015_search.sql).
 CREATE OR REPLACE FUNCTION longembed.search(
     collection text, query text, k integer DEFAULT 10, filter jsonb DEFAULT NULL,

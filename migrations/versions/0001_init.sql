@@ -4,7 +4,7 @@
 --
 -- Chunk vectors are NOT in a shared table: each collection gets its own table
 -- longembed."chunks_<collection id>" with a typed vector(dim) column and its own HNSW index, created by
--- plugin.collections.create_collection. pgvector's HNSW index needs a fixed dimension; the alternative
+-- longembed.plugin.store.collections.create_collection. pgvector's HNSW index needs a fixed dimension; the alternative
 -- (one untyped vector column with one partial expression index per collection) only uses the index when
 -- every query repeats the exact cast and WHERE predicate, and otherwise falls silently to a sequential
 -- scan. A table per collection also keeps each index and its planner statistics to one collection and

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import psycopg
 
-from plugin import queue
-from plugin.collections import Collection, get_collection, list_collections
+from longembed.plugin.pipeline import queue
+from longembed.plugin.store.collections import Collection, get_collection, list_collections
 
 log = logging.getLogger(__name__)
 

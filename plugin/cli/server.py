@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from plugin.server import EmbeddedServer, ServerError, bundled_pginstall, resolve_dsn
+from longembed.plugin.embedded.server import EmbeddedServer, ServerError, bundled_pginstall, resolve_dsn
 
 EXIT_ERROR = 2
 
@@ -55,7 +55,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
-        from plugin.plpython_setup import PlpythonSetupError
+        from longembed.plugin.embedded.plpython import PlpythonSetupError
 
         try:
             return fn(args)
@@ -67,7 +67,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from plugin import plpython_setup
+    from longembed.plugin.embedded import plpython
 
     server = EmbeddedServer()
     was_running = server.running_pid() is not None
@@ -78,12 +78,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f"warning: --port {args.port} ignored; `longembed down` first to move it", file=sys.stderr)
     else:
         print(f"started PostgreSQL on 127.0.0.1:{status.port} (pid {status.pid}, data in {status.data_dir})")
-    if plpython_setup.installed_dir(server.pginstall()) is None:
+    if plpython.installed_dir(server.pginstall()) is None:
         print(
             "note: PL/Python is not built; SQL embed() needs it: run `longembed setup-plpython`",
             file=sys.stderr,
         )
-    system_python = plpython_setup.system_python_version()
+    system_python = plpython.system_python_version()
     ours = f"{sys.version_info.major}.{sys.version_info.minor}"
     if system_python != ours:
         print(
@@ -109,11 +109,11 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     """Exit status 0 when running, 3 when not (as pg_ctl status), so scripts can test it."""
-    from plugin import plpython_setup
+    from longembed.plugin.embedded import plpython
 
     server = EmbeddedServer()
     status = server.status()
-    plpython = plpython_setup.installed_dir(bundled_pginstall())  # a copy would have the same version
+    plpython = plpython.installed_dir(bundled_pginstall())  # a copy would have the same version
     if args.json:
         print(json.dumps(status.as_dict() | {"plpython": str(plpython) if plpython else None}, indent=2))
         return 0 if status.running else 3
@@ -161,11 +161,11 @@ def _cmd_psql(args: argparse.Namespace) -> int:
 
 
 def _cmd_setup_plpython(args: argparse.Namespace) -> int:
-    from plugin import plpython_setup
+    from longembed.plugin.embedded import plpython
 
     server = EmbeddedServer()
     # The bundled pg_config, even where the server runs a copy (same version, same build).
-    folder = plpython_setup.setup(bundled_pginstall(), force=args.force)
+    folder = plpython.setup(bundled_pginstall(), force=args.force)
     if server.running_pid() is not None:
         server.reload_settings()
         print("the running server now finds plpython3u (settings reloaded)")

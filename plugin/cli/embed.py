@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.chunking import MODES
-from encoder.profiles import KINDS
+from longembed.encoder.chunking import MODES
+from longembed.encoder.profiles import KINDS
 
 PROGRESS_MIN_TEXTS = 1000
 
@@ -133,7 +133,7 @@ def _json_text(line: str, field: str, where: str, number: int) -> InputText:
 
 
 def run(args: argparse.Namespace) -> int:
-    from encoder import ModelLoadError, load_model
+    from longembed.encoder import ModelLoadError, load_model
 
     if args.mode != "full" and args.output.endswith(".npy"):
         return _fail("--mode chunk/late gives a variable number of vectors per text; write JSONL, not .npy")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plugin import cli_data, cli_embed, cli_quickstart, cli_server
+from longembed.plugin.cli import data, embed, quickstart, server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,10 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-document embeddings inside PostgreSQL (pgvector).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cli_embed.add_commands(sub)
-    cli_server.add_commands(sub)
-    cli_data.add_commands(sub)
-    cli_quickstart.add_commands(sub)
+    embed.add_commands(sub)
+    server.add_commands(sub)
+    data.add_commands(sub)
+    quickstart.add_commands(sub)
     return parser
 
 
@@ -28,7 +28,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from plugin.collections import Collection
+from longembed.plugin.store.collections import Collection
 
 
 @dataclass(frozen=True)

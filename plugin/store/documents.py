@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from plugin.collections import Collection, get_collection
+from longembed.plugin.store.collections import Collection, get_collection
 
 # ~250k tokens: a document bigger than this is almost certainly not one document (a log dump, a
 # concatenated corpus) and would hold the worker for minutes; refuse it instead.

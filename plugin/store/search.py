@@ -18,7 +18,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from plugin.collections import Collection, get_collection
+from longembed.plugin.store.collections import Collection, get_collection
 
 SNIPPET_CHARS = 300  # as in 015_search.sql
 
@@ -82,7 +82,7 @@ def embed_query(collection: Collection, text: str, model: Any = None) -> np.ndar
     if not text.strip():
         raise ValueError("the query text is empty")
     if model is None:
-        from plugin.models import get_model
+        from longembed.plugin.models import get_model
 
         model = get_model(collection.model_name)
     if model.info.dim != collection.dim:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from plugin.documents import MAX_DOCUMENT_CHARS, Document, InvalidDocument, validate_document
+from longembed.plugin.store.documents import MAX_DOCUMENT_CHARS, Document, InvalidDocument, validate_document
 
 TEXT_SUFFIXES = frozenset(
     {".txt", ".text", ".md", ".markdown", ".rst", ".adoc", ".org", ".tex", ".html", ".htm", ".csv", ".tsv"}

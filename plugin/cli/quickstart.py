@@ -52,8 +52,8 @@ def python_reference_corpus(folder: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from plugin.cli import main
-    from plugin.server import EmbeddedServer
+    from longembed.plugin.cli import main
+    from longembed.plugin.embedded.server import EmbeddedServer
 
     def step(title: str, argv: list[str]) -> int:
         print(f"\n$ longembed {' '.join(argv)}    # {title}", flush=True)

@@ -18,9 +18,9 @@ from dataclasses import asdict
 
 import psycopg
 
-from plugin import db
-from plugin.collections import CollectionNotFound
-from plugin.server import resolve_dsn
+from longembed.plugin import db
+from longembed.plugin.embedded.server import resolve_dsn
+from longembed.plugin.store.collections import CollectionNotFound
 
 EXIT_ERROR = 1  # inputs skipped or documents failed
 EXIT_USAGE = 2  # bad arguments, unknown collection, no database
@@ -144,7 +144,7 @@ def _connect(args: argparse.Namespace, *, schema: bool = True) -> psycopg.Connec
 
 @_errors_to_exit_codes
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from plugin.migrate import migrate
+    from longembed.plugin.migrate import migrate
 
     with _connect(args, schema=False) as conn:
         report = migrate(conn)
@@ -159,8 +159,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _create_from_args(conn: psycopg.Connection, name: str, args: argparse.Namespace):
-    from plugin.collections import create_collection
-    from plugin.models import get_model
+    from longembed.plugin.models import get_model
+    from longembed.plugin.store.collections import create_collection
 
     return create_collection(
         conn,
@@ -180,7 +180,7 @@ def _create_from_args(conn: psycopg.Connection, name: str, args: argparse.Namesp
 
 @_errors_to_exit_codes
 def _cmd_collection_create(args: argparse.Namespace) -> int:
-    from plugin.collections import validate_name
+    from longembed.plugin.store.collections import validate_name
 
     validate_name(args.name)  # before loading a model
     with _connect(args) as conn:
@@ -194,7 +194,7 @@ def _cmd_collection_create(args: argparse.Namespace) -> int:
 
 @_errors_to_exit_codes
 def _cmd_collection_list(args: argparse.Namespace) -> int:
-    from plugin.collections import collection_stats, list_collections
+    from longembed.plugin.store.collections import collection_stats, list_collections
 
     with _connect(args) as conn:
         rows = [(c, collection_stats(conn, c)) for c in list_collections(conn)]
@@ -226,7 +226,7 @@ def _cmd_collection_list(args: argparse.Namespace) -> int:
 
 @_errors_to_exit_codes
 def _cmd_collection_drop(args: argparse.Namespace) -> int:
-    from plugin.collections import drop_collection
+    from longembed.plugin.store.collections import drop_collection
 
     with _connect(args) as conn:
         dropped = drop_collection(conn, args.name, missing_ok=args.if_exists)
@@ -235,7 +235,7 @@ def _cmd_collection_drop(args: argparse.Namespace) -> int:
 
 
 def _worker_config(args: argparse.Namespace):
-    from plugin.worker import WorkerConfig
+    from longembed.plugin.pipeline.worker import WorkerConfig
 
     return WorkerConfig(
         batch_tokens=args.batch_tokens, lease_seconds=args.lease_seconds, max_attempts=args.max_attempts
@@ -246,10 +246,10 @@ def _worker_config(args: argparse.Namespace):
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from plugin.collections import get_collection, validate_name
-    from plugin.documents import add_documents
-    from plugin.ingest import Skipped, iter_inputs
-    from plugin.migrate import applied_versions, migrate
+    from longembed.plugin.migrate import applied_versions, migrate
+    from longembed.plugin.pipeline.ingest import Skipped, iter_inputs
+    from longembed.plugin.store.collections import get_collection, validate_name
+    from longembed.plugin.store.documents import add_documents
 
     validate_name(args.collection)
     config = _worker_config(args)  # validates the worker flags before any work
@@ -302,8 +302,8 @@ def _embed_inline(conn: psycopg.Connection, collection, config, *, quiet: bool) 
     """Run a worker in this process until the collection's queue is empty; returns failed documents."""
     from tqdm import tqdm
 
-    from plugin.models import get_model
-    from plugin.worker import Worker
+    from longembed.plugin.models import get_model
+    from longembed.plugin.pipeline.worker import Worker
 
     def pending() -> int:
         row = conn.execute("SELECT count(*) FROM longembed.queue WHERE collection_id = %s", (collection.id,))
@@ -335,7 +335,7 @@ def _embed_inline(conn: psycopg.Connection, collection, config, *, quiet: bool) 
 
 @_errors_to_exit_codes
 def _cmd_search(args: argparse.Namespace) -> int:
-    from plugin.search import search
+    from longembed.plugin.store.search import search
 
     filter_ = None
     if args.filter is not None:
@@ -402,8 +402,8 @@ def _worker_process(dsn: str, model_name: str | None, config, names: list[str] |
     A lost connection (server restart, backend terminated) is re-opened with backoff; the batch it held
     comes back to the queue when its lease runs out.
     """
-    from plugin.models import get_model
-    from plugin.worker import Worker, WorkerStats
+    from longembed.plugin.models import get_model
+    from longembed.plugin.pipeline.worker import Worker, WorkerStats
 
     logging.basicConfig(level=logging.INFO, format=f"worker {os.getpid()}: %(message)s")
     stop = threading.Event()

@@ -189,7 +189,7 @@ def _run(argv: list[str], cwd: Path, what: str) -> None:
 
 def _service_group() -> int | None:
     """As root, the build is readable by the server's user (group) and nobody else."""
-    from plugin.server import EmbeddedServer
+    from longembed.plugin.embedded.server import EmbeddedServer
 
     server = EmbeddedServer()
     if server.service_user is None:
@@ -215,7 +215,7 @@ def _restrict(top: Path, group: int | None) -> None:
 
 def setup(pginstall: Path | None = None, *, force: bool = False, log=print) -> Path:
     """Build and install plpython3u for `pginstall` (default: the bundled one); returns the build folder."""
-    from plugin.server import bundled_pginstall
+    from longembed.plugin.embedded.server import bundled_pginstall
 
     pginstall = pginstall or bundled_pginstall()
     target = build_dir(pginstall)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from plugin.collections import Collection, get_collection
+from longembed.plugin.store.collections import Collection, get_collection
 
 # What the SQL functions raise for a bad table or column argument.
 _BAD_ARGUMENT = (

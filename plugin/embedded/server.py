@@ -21,7 +21,7 @@ The backend gets PYTHONPATH from the running interpreter (the project and its si
 PL/Python functions (`plpython3u`, built by `longembed setup-plpython`) import `encoder` and `plugin`.
 
 Settings: LONGEMBED_HOME (the home), LONGEMBED_PORT, LONGEMBED_SERVICE_USER (as root; default
-`longembed`), LONGEMBED_CACHE (the PL/Python build, plugin.plpython_setup); LONGEMBED_DSN or --dsn
+`longembed`), LONGEMBED_CACHE (the PL/Python build, embedded/plpython.py); LONGEMBED_DSN or --dsn
 bypass the embedded server altogether (resolve_dsn).
 """
 
@@ -106,13 +106,12 @@ def default_home() -> Path:
 
 
 def server_python_path() -> list[str]:
-    """Folders the backend's Python needs on sys.path: where `plugin`/`encoder` live, and site-packages.
+    """Folders the backend's Python needs on sys.path: the running interpreter's site-packages.
 
-    An editable install puts the project on sys.path through a .pth hook, which PYTHONPATH entries do not
-    run, so the project folder is named explicitly.
+    An editable install maps `longembed.*` onto the checkout through a .pth hook, which PYTHONPATH entries
+    do not run; the SQL function bodies run it with `site.addsitedir`.
     """
-    project = str(Path(__file__).resolve().parent.parent)
-    paths = [project]
+    paths: list[str] = []
     for entry in sys.path:
         if entry and Path(entry).is_dir() and Path(entry).name in ("site-packages", "dist-packages"):
             resolved = str(Path(entry).resolve())
@@ -409,9 +408,9 @@ class EmbeddedServer:
         ]
         if not self.durable:
             lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
-        from plugin import plpython_setup
+        from longembed.plugin.embedded import plpython
 
-        plpython = plpython_setup.installed_dir(self.pginstall())
+        plpython = plpython.installed_dir(self.pginstall())
         if plpython is not None:
             # Our own extension folder beside the bundled one (PostgreSQL >= 18).
             lines += [

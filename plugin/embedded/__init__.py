@@ -1,0 +1,1 @@
+"""The embedded PostgreSQL: server lifecycle, home and permissions, service user, PL/Python build."""

@@ -1,0 +1,1 @@
+"""Ingestion: the leased queue and the worker that embeds what it claims."""

@@ -1,0 +1,1 @@
+"""What lives in PostgreSQL: collections, documents, search, vectorized tables."""
