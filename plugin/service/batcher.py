@@ -91,8 +91,10 @@ class Batcher:
         self.max_queued_tokens = max_queued_tokens
         self._on_batch = on_batch
         self._cond = threading.Condition()
-        # (priority, arrival, -length, job, sequence): highest priority first, then oldest, longest.
-        self._heap: list[tuple[int, int, int, _Job, Sequence, float]] = []
+        # (priority, arrival, -length, n, job, sequence, enqueued): highest priority first, then oldest,
+        # then longest; n (unique) keeps the tuples from ever comparing jobs or sequences.
+        self._heap: list[tuple[int, int, int, int, _Job, Sequence, float]] = []
+        self._entries = itertools.count()
         self._arrivals = itertools.count()
         self._queued_tokens = {INTERACTIVE: 0, INGESTION: 0}
         self._jobs_queued = 0  # jobs with at least one sequence still in the heap
@@ -128,7 +130,8 @@ class Batcher:
             arrival = next(self._arrivals)
             now = time.monotonic()
             for seq in sequences:
-                heapq.heappush(self._heap, (priority, arrival, -len(seq.ids), job, seq, now))
+                entry = (priority, arrival, -len(seq.ids), next(self._entries), job, seq, now)
+                heapq.heappush(self._heap, entry)
             self._queued_tokens[priority] += n_tokens
             self._jobs_queued += 1
             self._cond.notify()
@@ -143,7 +146,7 @@ class Batcher:
         """Finish the batch in progress, fail what is still queued, end the thread."""
         with self._cond:
             self._stopping = True
-            leftover = [entry[3] for entry in self._heap]
+            leftover = {entry[4] for entry in self._heap}
             self._heap.clear()
             self._cond.notify_all()
         for job in leftover:
@@ -168,7 +171,7 @@ class Batcher:
                     self._cond.wait()
                     continue
                 queued = sum(self._queued_tokens.values())
-                deadline = min(entry[5] for entry in self._heap) + self.max_wait
+                deadline = min(entry[6] for entry in self._heap) + self.max_wait
                 wait = deadline - time.monotonic()
                 if self._jobs_queued <= 1 or queued >= self.batch_tokens or wait <= 0:
                     return self._take()
@@ -182,7 +185,7 @@ class Batcher:
             length = -self._heap[0][2]
             if taken and used + length > self.batch_tokens:
                 break
-            _, _, _, job, seq, _ = heapq.heappop(self._heap)
+            job, seq = heapq.heappop(self._heap)[4:6]
             taken.append((job, seq))
             used += length
             self._queued_tokens[job.priority] -= length
