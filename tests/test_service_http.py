@@ -311,11 +311,12 @@ def test_health_ready_models(served):
     error_of(httpx.get(f"{served.url}/v1/embeddings"), 405)
 
 
-def metric(text: str, name: str, **labels) -> float:
+def metric(text: str, name: str, missing: float | None = None, **labels) -> float | None:
+    """A sample's value from Prometheus text (`missing` when the series is absent)."""
     selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(selector) + r"\}" if labels else "") + r" (\S+)"
+    pattern = "(?m)^" + re.escape(name) + (r"\{" + re.escape(selector) + r"\}" if labels else "") + r" (\S+)$"
     found = re.search(pattern, text)
-    return float(found.group(1)) if found else 0.0
+    return float(found.group(1)) if found else missing
 
 
 def test_metrics_count_requests_tokens_and_batches(served):

@@ -6,12 +6,16 @@ The sockets are bound here rather than by uvicorn: uvicorn makes a Unix socket w
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import stat
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -90,6 +94,23 @@ def bind_unix(path: str | os.PathLike) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus re-raising SIGTERM/SIGINT after its graceful shutdown: that would kill
+    the process before the host stops its workers and removes its socket, and exit 143 instead of 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 def make_server(host: Host, log_level: str = "warning") -> uvicorn.Server:
     config = uvicorn.Config(
         build_app(host),
@@ -98,7 +119,7 @@ def make_server(host: Host, log_level: str = "warning") -> uvicorn.Server:
         log_level=log_level,
         timeout_graceful_shutdown=30,
     )
-    return uvicorn.Server(config)
+    return _Server(config)
 
 
 def serve(host: Host, sockets: list[socket.socket], unix_path: str | None = None) -> None:
