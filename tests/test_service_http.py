@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import threading
 
@@ -20,7 +21,7 @@ from longembed.encoder import load_model
 from longembed.plugin.cli import main
 from longembed.plugin.models import get_model
 from longembed.plugin.service.host import HostConfig
-from longembed.plugin.service.server import BindRefused, check_bind
+from longembed.plugin.service.server import BindRefused, bind_tcp, check_bind
 from tests.hostutil import running_host
 from tests.texts import varied_texts
 
@@ -356,3 +357,14 @@ def test_binding_beyond_loopback_needs_keys(capsys):
     check_bind("::1", 8080, ())
     assert main(["serve", "--host", "0.0.0.0", "--port", "8080"]) == 2
     assert "refusing to listen on 0.0.0.0:8080 without API keys" in capsys.readouterr().err
+
+
+def test_tcp_listener_sets_nodelay():
+    """Without TCP_NODELAY on accepted sockets every keep-alive answer waited ~40 ms (Nagle against
+    delayed ACKs); asyncio sets it only on sockets created with proto IPPROTO_TCP."""
+    sock = bind_tcp("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()

@@ -41,6 +41,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-worker", action="store_true", help="do not run the ingestion worker in-process")
     p.add_argument("--batch-tokens", type=_positive, default=None, help="tokens per forward pass")
     p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="torch threads for the model on CPU (default: cores - 1, at least 1; the rest serves HTTP)",
+    )
+    p.add_argument(
         "--max-wait-ms", type=float, default=2.0, help="batching window when several requests wait"
     )
     p.add_argument("--max-queued-tokens", type=_positive, default=262_144, help="queue bound before 429")
@@ -98,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
             sock.close()
         print(f"longembed serve: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    # One batcher thread computes; torch's threads spin at a barrier whenever one of them loses its
+    # core, so leave a core to the event loop and the tokenisers (measured: 2 threads on 2 busy cores
+    # answered 8 clients ~10x slower than 1; bench/RESULTS.md).
+    import torch
+
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     where = [f"http://{args.host}:{args.port}"] if args.port else []
     where += [f"unix:{args.socket}"] if args.socket else []
     print(f"longembed serve: listening on {', '.join(where)}", file=sys.stderr, flush=True)
