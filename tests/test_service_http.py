@@ -11,6 +11,7 @@ import shutil
 import socket
 import stat
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -368,3 +369,39 @@ def test_tcp_listener_sets_nodelay():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sock.close()
+
+
+def test_full_queue_answers_429_with_retry_after():
+    with running_host(HostConfig(max_queued_tokens=12)) as running:
+        (served,) = running.host.models()
+        forward, gate, entered = served.batcher._forward, threading.Event(), threading.Event()
+
+        def gated(sequences):  # the real forward pass, held until the test has filled the queue
+            entered.set()
+            gate.wait(30)
+            return forward(sequences)
+
+        served.batcher._forward = gated
+        url = f"{running.url}/v1/embeddings"
+        answers: dict[str, httpx.Response] = {}
+
+        def post(name: str, text: str) -> None:
+            answers[name] = httpx.post(url, json={"input": text}, timeout=60)
+
+        first = threading.Thread(target=post, args=("running", "the batch in progress"))
+        first.start()
+        assert entered.wait(10)
+        second = threading.Thread(target=post, args=("queued", "eight tokens wait in the queue"))
+        second.start()
+        deadline = time.monotonic() + 10
+        while served.batcher.queue_depth()[1] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = httpx.post(url, json={"input": "one more request"})
+        error = error_of(refused, 429)
+        assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
+        assert int(refused.headers["retry-after"]) >= 1
+        gate.set()
+        first.join()
+        second.join()
+        assert answers["running"].status_code == answers["queued"].status_code == 200

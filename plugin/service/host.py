@@ -133,6 +133,10 @@ class Host:
                     raise ApiError(503, f"model {name!r} could not be loaded: {exc}") from None
         return found
 
+    def is_served(self, name: str | None) -> bool:
+        """Whether `model(name)` answers without loading anything or asking the database."""
+        return self._loaded.is_set() and not self._load_error and self._find(name) is not None
+
     def _find(self, name: str | None) -> ServedModel | None:
         with self._lock:
             if name is None:
