@@ -143,3 +143,23 @@ def test_embed_chunks_is_prepare_run_assemble(model):
     for a, b in zip(via, direct, strict=True):
         assert np.abs(np.stack([c.vector for c in a]) - np.stack([c.vector for c in b])).max() < 1e-5
     assert p.n_tokens == [sum(c.n_tokens + 2 for c in doc) for doc in direct]  # + [CLS], [SEP]
+
+
+def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on(model):
+    calls = []
+
+    def forward(sequences):  # the real model, given a sequence longer than its window once
+        calls.append(len(sequences))
+        return model.forward_batch(sequences)
+
+    batcher = Batcher(forward, model.info.dim)
+    try:
+        too_long = plan(model, ["x"]).sequences[0]
+        too_long = type(too_long)(too_long.ids[:1] + [1000] * 600 + too_long.ids[-1:], [(0, 602)], [0])
+        failed = batcher.submit([too_long], 1)
+        with pytest.raises(Exception):  # noqa: B017 - whatever the model raises reaches the caller
+            failed.result(30)
+        assert submit(batcher, model, ["still working"]).result(30).shape == (1, model.info.dim)
+    finally:
+        batcher.stop()
+    assert calls == [1, 1]

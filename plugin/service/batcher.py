@@ -160,7 +160,12 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception as exc:  # the model (or scattering its rows) failed: callers get the error
+                log.exception("a batch of %d sequences failed", len(batch))
+                for job, _ in batch:
+                    job.fail(exc)
 
     def _next_batch(self) -> list[tuple[_Job, Sequence]] | None:
         with self._cond:
@@ -197,13 +202,10 @@ class Batcher:
     def _run(self, batch: list[tuple[_Job, Sequence]]) -> None:
         t0 = time.perf_counter()
         sequences = [seq for _, seq in batch]
-        try:
-            rows = self._forward(sequences)
-        except Exception as exc:  # the model failed on this batch: its callers get the error
-            log.exception("a batch of %d sequences failed", len(batch))
-            for job, _ in batch:
-                job.fail(exc)
-            return
+        rows = self._forward(sequences)
+        n_rows = sum(len(s.outputs) for s in sequences)
+        if rows.shape != (n_rows, self._dim):
+            raise ValueError(f"the model gave {rows.shape} rows for {n_rows} pooled spans of {self._dim}-d")
         seconds = time.perf_counter() - t0
         tokens = sum(len(s.ids) for s in sequences)
         self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * seconds / max(tokens, 1)
