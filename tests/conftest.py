@@ -60,9 +60,10 @@ def model_host(request: pytest.FixtureRequest) -> Iterator[object]:
 
     server = request.getfixturevalue("embedded_server")
     host = host_of(server)
-    host.start(
-        ["--socket", str(server.host_socket), "--port", "0"], dict(os.environ, LONGEMBED_DSN=server.dsn())
-    )
+    serve_args = ["--socket", str(server.host_socket), "--port", "0"]
+    if server.service_user is not None:
+        serve_args += ["--socket-user", server.service_user]
+    host.start(serve_args, dict(os.environ, LONGEMBED_DSN=server.dsn()))
     try:
         yield host
     finally:

@@ -8,8 +8,9 @@
 -- other caller's. A model per backend would cost each new connection ~2 s and ~400 MiB, and as root the
 -- server's OS user cannot even read the virtual environment.
 --
--- Where the host is, read from the server's configuration only (postgresql.conf, ALTER SYSTEM or the
--- command line), never from a session's SET: a role that could point it elsewhere would receive the key.
+-- Where the host is, read from the server's configuration files only (postgresql.conf, an included file,
+-- ALTER SYSTEM), never from a session's SET or a role's own defaults: a role that could point it
+-- elsewhere would make the server connect anywhere, and receive the key.
 --   longembed.host           'unix:/path/to/host.sock' (the embedded server: set by `longembed up`)
 --                            or 'http://host:port' (docker-compose, any other server)
 --   longembed.host_key_file  a file the server's OS user can read holding the API key (HTTP only)
@@ -23,6 +24,19 @@
 -- search_path is pinned; the bodies name every object with its schema. NULL in, NULL out (STRICT).
 
 CREATE EXTENSION IF NOT EXISTS plpython3u;
+
+-- A longembed.* setting as the configuration files give it (pg_file_settings is for superusers: this
+-- definer-rights function shows only our own settings, and nothing a session SET).
+CREATE OR REPLACE FUNCTION longembed.host_setting(setting_name text)
+RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT f.setting FROM pg_catalog.pg_file_settings f
+     WHERE f.name = setting_name AND f.error IS NULL
+       AND setting_name IN ('longembed.host', 'longembed.host_key_file', 'longembed.host_timeout')
+     ORDER BY f.seqno DESC LIMIT 1;
+END;
 
 -- One request to the model host; NULL elements stay NULL. A small per-backend cache answers repeats: a
 -- STABLE function is still evaluated once per row where the planner cannot hoist it (a WHERE clause on
@@ -39,6 +53,7 @@ import http.client
 import json
 import socket
 import struct
+import time
 from collections import OrderedDict
 
 if kind not in ("query", "document"):
@@ -49,17 +64,11 @@ if inputs is None:
     return None
 
 def server_setting(name, default=None):
-    # pg_settings.source tells a value from the configuration apart from a session's SET.
     plan = GD.get("longembed_setting_plan")
     if plan is None:
-        plan = plpy.prepare(
-            "SELECT setting, source FROM pg_catalog.pg_settings WHERE name = $1", ["text"])
+        plan = plpy.prepare("SELECT longembed.host_setting($1) AS value", ["text"])
         GD["longembed_setting_plan"] = plan
-    rows = plpy.execute(plan, [name])
-    if not rows.nrows() or rows[0]["source"] not in (
-            "configuration file", "command line", "environment variable", "default", "override"):
-        return default
-    return rows[0]["setting"] or default
+    return plpy.execute(plan, [name])[0]["value"] or default
 
 target = server_setting("longembed.host")
 if not target:
@@ -74,6 +83,9 @@ missing = {}
 for i, text in enumerate(inputs):
     if text is None:
         continue
+    if not text.strip():  # the rule of search() too: nothing to embed, and [CLS][SEP] is near anything
+        plpy.error("longembed: the text is empty (or only whitespace): nothing to embed",
+                   detail="input %d of %d" % (i + 1, len(inputs)), sqlstate="22000")
     hit = cache.get(key_base + (text,))
     if hit is not None:
         cache.move_to_end(key_base + (text,))
@@ -99,12 +111,15 @@ except ValueError:
     timeout = 120.0
 headers = {"Content-Type": "application/json"}
 if target.startswith("unix:"):
-    conn = UnixHTTPConnection(target[len("unix:"):], timeout)
+    def connection():
+        return UnixHTTPConnection(target[len("unix:"):], timeout)
 elif target.startswith(("http://", "https://")):
     from urllib.parse import urlsplit
     url = urlsplit(target)
     cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    conn = cls(url.hostname, url.port, timeout=timeout)
+
+    def connection():
+        return cls(url.hostname, url.port, timeout=timeout)
     key_file = server_setting("longembed.host_key_file")
     if key_file:
         try:
@@ -116,22 +131,44 @@ else:
     plpy.error("longembed: longembed.host must start with unix:, http:// or https://, got %r" % target,
                sqlstate="22023")
 
+def head(text, limit=500000):
+    # Only a text's first tokens are embedded (the model's window is at most 8192 tokens, ~50,000
+    # characters), so a longer text is cut at a whitespace before `limit`: the vector stays the same and
+    # the request stays under the host's limit on characters per input (1,000,000 by default).
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind(" ", 0, limit), text.rfind("\n", 0, limit))
+    return text[: cut if cut > 0 else limit]
+
 texts = list(missing)
-body = {"input": texts, "kind": kind, "encoding_format": "base64"}
+body = {"input": [head(text) for text in texts], "kind": kind, "encoding_format": "base64"}
 if model:
     body["model"] = model
 if instruction is not None:
     body["instruction"] = instruction
-try:
-    conn.request("POST", "/v1/embeddings", json.dumps(body), headers)
-    response = conn.getresponse()
-    payload = response.read()
-except (OSError, http.client.HTTPException) as exc:
-    plpy.error("longembed: the model host at %s did not answer (%s)" % (target, exc),
-               hint="is it running? `longembed status` shows it; `longembed up` starts it",
-               sqlstate="08006")
-finally:
-    conn.close()
+# A host that is loading its models or whose queue is full answers 503/429 with Retry-After: wait
+# (up to the timeout) rather than fail; the SELECT between tries lets a query cancel get through.
+deadline = time.monotonic() + timeout
+while True:
+    conn = connection()
+    try:
+        conn.request("POST", "/v1/embeddings", json.dumps(body), headers)
+        response = conn.getresponse()
+        payload = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        plpy.error("longembed: the model host at %s did not answer (%s)" % (target, exc),
+                   hint="is it running? `longembed status` shows it; `longembed up` starts it",
+                   sqlstate="08006")
+    finally:
+        conn.close()
+    if response.status not in (429, 503) or time.monotonic() >= deadline:
+        break
+    try:
+        wait = float(response.getheader("Retry-After") or 1)
+    except ValueError:
+        wait = 1.0
+    time.sleep(max(0.05, min(wait, 0.5, deadline - time.monotonic())))
+    plpy.execute("SELECT 1")
 try:
     answer = json.loads(payload)
 except ValueError:
@@ -145,12 +182,11 @@ if response.status != 200:
                sqlstate=sqlstate)
 served = answer.get("longembed") or {}
 if dim is not None or revision is not None:
-    info = served.get("model_info") or {}
-    if revision is not None and info.get("revision") not in (None, revision):
+    if revision is not None and served.get("revision") not in (None, revision):
         plpy.error("longembed: the collection was embedded with revision %s of %s; the host serves "
-                   "revision %s" % (revision, answer.get("model"), info.get("revision")),
-                   hint="serve the collection's revision, or re-embed the collection "
-                        "(longembed ingest --reembed) with the new one", sqlstate="22000")
+                   "revision %s" % (revision, answer.get("model"), served.get("revision")),
+                   hint="serve the weights the collection was made with, or embed the collection "
+                        "again into a new collection with the new ones", sqlstate="22000")
 for item in answer["data"]:
     raw = base64.b64decode(item["embedding"])
     values = struct.unpack("<%df" % (len(raw) // 4), raw)
@@ -194,9 +230,6 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'longembed: no collection named %', quote_literal(collection)
             USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM longembed.collections';
-    END IF;
-    IF btrim(query) = '' THEN
-        RAISE EXCEPTION 'longembed: the query text is empty' USING ERRCODE = 'data_exception';
     END IF;
     RETURN (longembed.host_embed(ARRAY[query], 'query', c.model_name, c.query_prefix, c.dim,
                                  c.model_revision))[1];

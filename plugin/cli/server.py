@@ -128,6 +128,8 @@ def _start_host(server: EmbeddedServer, args: argparse.Namespace) -> None:
             f"port {args.http_port} on 127.0.0.1 is in use: pass --http-port N (0: only the Unix socket)"
         )
     serve_args = ["--socket", str(server.host_socket), "--port", str(args.http_port)]
+    if server.service_user is not None:
+        serve_args += ["--socket-user", server.service_user]
     for model in args.model or []:
         serve_args += ["--model", model]
     env = dict(os.environ, LONGEMBED_DSN=server.dsn())  # not in argv: ps shows argv to every user

@@ -95,7 +95,8 @@ class HostProcess:
             return None
 
     def start(self, serve_args: list[str], env: dict[str, str], timeout: float = READY_TIMEOUT_S) -> int:
-        """Start the supervisor (unless one runs) and wait until the host answers /health."""
+        """Start the supervisor (unless one runs) and wait until the host is ready (/ready: models loaded,
+        database answering)."""
         pid = self.running_pid()
         process = None
         if pid is None:
@@ -123,7 +124,7 @@ class HostProcess:
             pid = process.pid
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            answer = self.health("/health")
+            answer = self.health("/ready")
             if answer is not None and answer[0] == 200:
                 return pid
             if process is not None and process.poll() is not None:
