@@ -26,6 +26,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--socket", default=None, help="also listen on this Unix socket (created 0660, no key needed)"
     )
     p.add_argument(
+        "--socket-user",
+        default=None,
+        help="as root: hand the socket to this user (the PostgreSQL server's OS user, so backends connect)",
+    )
+    p.add_argument(
         "--model",
         action="append",
         default=None,
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         if args.port:
             sockets.append(bind_tcp(args.host, args.port))
         if args.socket:
-            sockets.append(bind_unix(args.socket))
+            sockets.append(bind_unix(args.socket, args.socket_user))
     except (BindRefused, OSError, ValueError) as exc:
         for sock in sockets:
             sock.close()

@@ -169,6 +169,8 @@ class Host:
     def _collection_uses(self, name: str) -> bool:
         try:
             with self.connect() as conn:
+                if not conn.execute("SELECT to_regclass('longembed.collections') IS NOT NULL").fetchone()[0]:
+                    return False  # not migrated yet: no collection uses anything
                 row = conn.execute("SELECT 1 FROM longembed.collections WHERE model_name = %s", (name,))
                 return row.fetchone() is not None
         except psycopg.Error as exc:

@@ -105,6 +105,7 @@ def build_app(host: Host) -> Starlette:
         except BatcherStopped as exc:
             raise ApiError(503, str(exc), retry_after=5) from None
         rows = await asyncio.wrap_future(future)
+        host.metrics.inputs.labels(served.info.name).inc(len(req.texts))
         result = served.finish(plan, rows, req.overflow, req.dimensions)
         if req.encoding_format == "base64":
             data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in result.vectors]
@@ -123,6 +124,7 @@ def build_app(host: Host) -> Starlette:
                     "truncated": result.truncated,
                     "tokens": result.n_tokens,
                     "dimensions": int(result.vectors.shape[1]),
+                    "revision": served.info.revision,
                 },
             }
         )

@@ -39,6 +39,12 @@ class Metrics:
             ["endpoint", "status"],
             registry=r,
         )
+        self.inputs = Counter(
+            "longembed_embedding_inputs",
+            "Texts embedded for /v1/embeddings callers (HTTP and SQL)",
+            ["model"],
+            registry=r,
+        )
         self.errors = Counter(
             "longembed_http_errors",
             "HTTP error answers by endpoint and type",

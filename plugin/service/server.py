@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import logging
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -66,8 +67,11 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_unix(path: str | os.PathLike) -> socket.socket:
-    """A listening Unix socket at `path`, mode 0660; a stale socket file (nobody listening) is replaced."""
+def bind_unix(path: str | os.PathLike, owner: str | None = None) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0660; a stale socket file (nobody listening) is replaced.
+
+    `owner` (root only): the user the socket is handed to, e.g. the PostgreSQL server's OS user, whose
+    backends then connect to a host that runs as root."""
     path = Path(path)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
@@ -88,6 +92,9 @@ def bind_unix(path: str | os.PathLike) -> socket.socket:
     try:
         sock.bind(str(path))
         os.chmod(path, SOCKET_MODE)
+        if owner is not None:
+            entry = pwd.getpwnam(owner)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
         sock.listen(2048)
     except BaseException:
         sock.close()
