@@ -163,3 +163,22 @@ def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on(model):
     finally:
         batcher.stop()
     assert calls == [1, 1]
+
+
+def test_cancelled_work_is_not_run(model):
+    gated = Gated(model)
+    batcher = Batcher(gated, model.info.dim)
+    try:
+        blocker = submit(batcher, model, ["busy"])
+        assert gated.entered.wait(10)
+        gone = submit(batcher, model, ["a client that went away"])
+        kept = submit(batcher, model, ["a client still waiting"])
+        assert gone.cancel()
+        gated.gate.set()
+        blocker.result(30)
+        assert kept.result(30).shape == (1, model.info.dim)
+        assert batcher.queue_depth() == (0, 0)
+    finally:
+        batcher.stop()
+    ran = [s.ids for batch in gated.batches for s in batch]
+    assert plan(model, ["a client that went away"]).sequences[0].ids not in ran

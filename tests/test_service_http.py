@@ -102,6 +102,7 @@ def test_base64_is_little_endian_float32(served, model):
         "truncated": [],
         "tokens": [3, 3],
         "dimensions": 384,
+        "revision": model.info.revision,
     }
 
 

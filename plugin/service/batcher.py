@@ -160,6 +160,8 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
+            if not batch:
+                continue
             try:
                 self._run(batch)
             except Exception as exc:  # the model (or scattering its rows) failed: callers get the error
@@ -183,7 +185,8 @@ class Batcher:
                 self._cond.wait(wait)
 
     def _take(self) -> list[tuple[_Job, Sequence]]:
-        """Sequences off the heap up to the token budget (at least one, however long)."""
+        """Sequences off the heap up to the token budget (at least one, however long; none when all
+        that was queued belonged to cancelled jobs)."""
         taken: list[tuple[_Job, Sequence]] = []
         used = 0
         while self._heap:
@@ -191,12 +194,14 @@ class Batcher:
             if taken and used + length > self.batch_tokens:
                 break
             job, seq = heapq.heappop(self._heap)[4:6]
-            taken.append((job, seq))
-            used += length
             self._queued_tokens[job.priority] -= length
             job.remaining -= 1
             if job.remaining == 0:
                 self._jobs_queued -= 1
+            if job.future.done():  # cancelled (the client went away) or failed: skip its other sequences
+                continue
+            taken.append((job, seq))
+            used += length
         return taken
 
     def _run(self, batch: list[tuple[_Job, Sequence]]) -> None:
