@@ -8,7 +8,7 @@ generator (threads with keep-alive httpx clients) drives both at 1, 8 and 32 con
 two workloads: single short texts (a query each) and batches of 8 mixed-length texts. Tokens are real
 tokens counted with the model's own tokenizer for every server alike ([CLS] and [SEP] included,
 truncated at 256). Latency is per request, client side. The in-process figure is `model.embed` of the
-workload's texts in one call (packed 4,096-token batches), best of 3: what batching could reach.
+workload's texts in one call (packed 4,096-token batches), best of --repeats: what batching could reach.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0, help="per cell")
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--mixed", type=int, default=400, help="mixed-length texts (8 per request)")
+    parser.add_argument("--repeats", type=int, default=3, help="in-process runs (best of)")
     parser.add_argument("--infinity", default=None, help="path of the infinity_emb executable (own venv)")
     args = parser.parse_args()
 
@@ -136,7 +138,7 @@ def main() -> None:
                 counts[t] = min(n, model.info.max_tokens - 2) + 2
         return sum(counts[t] for t in texts)
 
-    mixed = mixed_length_texts(400, seed=1)
+    mixed = mixed_length_texts(args.mixed, seed=1)
     workloads = {
         "single short text": [[t] for t in SHORT],
         "batches of 8 mixed texts": [mixed[i : i + 8] for i in range(0, len(mixed), 8)],
@@ -149,7 +151,7 @@ def main() -> None:
     for name, reqs in workloads.items():
         texts = [t for r in reqs for t in r] * (4 if name.startswith("single") else 1)
         model.embed(texts[:64])
-        best = min(_timed(lambda texts=texts: model.embed(texts)) for _ in range(3))
+        best = min(_timed(lambda texts=texts: model.embed(texts)) for _ in range(args.repeats))
         inprocess[name] = tokens(texts) / best
         print(f"in-process model.embed, {name}: {inprocess[name]:,.0f} tokens/s")
 

@@ -182,3 +182,33 @@ def test_cancelled_work_is_not_run(model):
         batcher.stop()
     ran = [s.ids for batch in gated.batches for s in batch]
     assert plan(model, ["a client that went away"]).sequences[0].ids not in ran
+
+
+def test_matryoshka_dimensions_truncate_and_renormalise(model, tmp_path):
+    from dataclasses import replace
+
+    from longembed.encoder.profiles import profile_for
+    from longembed.plugin.service.errors import ApiError
+    from longembed.plugin.service.served import ServedModel
+
+    assert profile_for("nomic-ai/nomic-embed-text-v1.5", tmp_path).matryoshka_dims == (768, 512, 256, 128, 64)
+    assert profile_for("nomic-ai/nomic-embed-text-v1", tmp_path).matryoshka_dims == ()
+    assert model.info.matryoshka_dims == ()
+
+    batcher = Batcher(model.forward_batch, model.info.dim)
+    try:
+        served = ServedModel(model, batcher)
+        with pytest.raises(ApiError, match="not trained for shorter vectors"):
+            served.check_dimensions(128)
+        served.check_dimensions(384)  # its own size: nothing to truncate
+        served.info = replace(model.info, matryoshka_dims=(384, 128))  # as a Matryoshka profile says
+        served.check_dimensions(128)
+        with pytest.raises(ApiError, match="one of 128, 384"):
+            served.check_dimensions(100)
+        p = served.plan(["truncate me"], "document", None, "truncate")
+        result = served.finish(p, served.submit(p, INTERACTIVE).result(30), "truncate", 128)
+    finally:
+        batcher.stop()
+    full = model.embed(["truncate me"])[0]
+    assert result.vectors.shape == (1, 128)
+    assert np.abs(result.vectors[0] - full[:128] / np.linalg.norm(full[:128])).max() < 1e-5
