@@ -69,8 +69,9 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise TimeoutError(url)
 
 
-def start_longembed(port: int) -> tuple[subprocess.Popen, str]:
+def start_longembed(port: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "longembed.plugin.cli", "serve", "--port", str(port), "--no-worker"]
+    cmd += ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(f"http://127.0.0.1:{port}/ready", proc)
     return proc, f"http://127.0.0.1:{port}/v1/embeddings"
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--mixed", type=int, default=400, help="mixed-length texts (8 per request)")
     parser.add_argument("--repeats", type=int, default=3, help="in-process runs (best of)")
+    parser.add_argument("--threads", default="", help="comma list of `serve --threads` values to compare")
     parser.add_argument("--infinity", default=None, help="path of the infinity_emb executable (own venv)")
     args = parser.parse_args()
 
@@ -162,7 +164,10 @@ def main() -> None:
         each = ", ".join(f"{n} thread(s) {tokens(texts) / sec:,.0f}" for n, sec in best.items())
         print(f"in-process model.embed, {name}: {inprocess[name]:,.0f} tokens/s ({each})")
 
-    servers = {"longembed serve": lambda: start_longembed(free_port())}
+    servers = {}
+    for threads in [int(t) for t in args.threads.split(",") if t] or [None]:
+        label = f"longembed serve --threads {threads}" if threads else "longembed serve"
+        servers[label] = lambda threads=threads: start_longembed(free_port(), threads)
     if args.infinity:
         servers["infinity"] = lambda: start_infinity(args.infinity, folder, free_port())
     clients = [int(c) for c in args.clients.split(",")]
@@ -180,7 +185,7 @@ def main() -> None:
                     row = (server, name, n, tps, tps / inprocess[name], p50, p99, len(result["latencies"]))
                     rows.append(row)
                     print(
-                        f"{server:16s} {name:26s} clients={n:3d} {tps:9,.0f} tok/s "
+                        f"{server:28s} {name:26s} clients={n:3d} {tps:9,.0f} tok/s "
                         f"({tps / inprocess[name]:4.0%} of in-process) p50 {p50:7.1f} ms p99 {p99:7.1f} ms "
                         f"({len(result['latencies'])} requests)",
                         flush=True,
