@@ -48,6 +48,7 @@ class ModelInfo:
     revision: str
     device: str
     dtype: str
+    source: str  # loads this model again from anywhere: hub id or absolute folder (loading.py)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class EmbeddingModel:
             revision=loaded.revision,
             device=str(device),
             dtype=DTYPE_NAMES[dtype],
+            source=loaded.source,
         )
         self._prefix_ids: dict[str, list[int]] = {}
 

@@ -30,6 +30,7 @@ DIM = 384
 @dataclasses.dataclass(frozen=True)
 class RandomVectors:
     name: str = "random-unit-vectors"
+    source: str = "random-unit-vectors"
     revision: str = "seed-0"
     dim: int = DIM
     max_tokens: int = 256

@@ -312,7 +312,7 @@ def _embed_inline(conn: psycopg.Connection, collection, config, *, quiet: bool) 
     remaining = pending()
     if not remaining:
         return 0
-    worker = Worker(conn, get_model(collection.model_name), config, [collection.name])
+    worker = Worker(conn, get_model(collection.model_source), config, [collection.name])
     parked = 0
     with tqdm(total=remaining, desc="embed", unit="doc", disable=quiet, file=sys.stderr) as bar:
         while remaining:

@@ -32,6 +32,7 @@ class ModelDescription(Protocol):
     """What a collection needs to know of a model (encoder.ModelInfo has these fields)."""
 
     name: str
+    source: str  # hub id or absolute folder: loads the model again from anywhere (models.get_model)
     revision: str
     dim: int
     max_tokens: int
@@ -48,7 +49,8 @@ class CollectionNotFound(LookupError):
 class Collection:
     id: int
     name: str
-    model_name: str
+    model_name: str  # display name
+    model_source: str  # what plugin.models.get_model loads the model from
     model_revision: str
     dim: int
     mode: str
@@ -128,13 +130,15 @@ def create_collection(
             raise ValueError(f"collection {name!r} already exists")
         try:
             row = conn.execute(
-                """INSERT INTO longembed.collections (name, model_name, model_revision, dim, mode,
-                       chunk_tokens, overlap, query_prefix, document_prefix, distance, hnsw_m,
+                """INSERT INTO longembed.collections (name, model_name, model_source, model_revision, dim,
+                       mode, chunk_tokens, overlap, query_prefix, document_prefix, distance, hnsw_m,
                        hnsw_ef_construction, text_search_config)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig) RETURNING id""",
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig)
+                   RETURNING id""",
                 (
                     name,
                     model.name,
+                    model.source,
                     model.revision,
                     model.dim,
                     mode,

@@ -84,7 +84,7 @@ def embed_query(collection: Collection, text: str, model: Any = None) -> np.ndar
     if model is None:
         from longembed.plugin.models import get_model
 
-        model = get_model(collection.model_name)
+        model = get_model(collection.model_source)
     if model.info.dim != collection.dim:
         raise ValueError(
             f"dimension mismatch: collection {collection.name!r} has {collection.dim}-d vectors, "

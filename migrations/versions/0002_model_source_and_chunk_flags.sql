@@ -1,0 +1,10 @@
+-- longembed schema, version 2.
+--
+-- model_source: what loads a collection's model again from any working directory and any process (the
+-- worker, search, the SQL functions): the hub id, or the absolute path of a local model folder.
+-- model_name stays the display name (for a folder, its basename). Collections made before this
+-- version recorded only the name; it is their best source (hub ids and the bundled default resolve).
+ALTER TABLE longembed.collections ADD COLUMN model_source text;
+UPDATE longembed.collections SET model_source = model_name;
+ALTER TABLE longembed.collections ALTER COLUMN model_source SET NOT NULL;
+ALTER TABLE longembed.collections ADD CONSTRAINT collections_model_source_check CHECK (model_source <> '');
