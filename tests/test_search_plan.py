@@ -34,7 +34,8 @@ class RandomVectors:
     revision: str = "seed-0"
     dim: int = DIM
     max_tokens: int = 256
-    architecture: str = "none"
+    pooling: str = "mean"
+    prefixes: dict = dataclasses.field(default_factory=lambda: {"query": "", "document": ""})
 
 
 @pytest.fixture(scope="module")

@@ -8,3 +8,7 @@ ALTER TABLE longembed.collections ADD COLUMN model_source text;
 UPDATE longembed.collections SET model_source = model_name;
 ALTER TABLE longembed.collections ALTER COLUMN model_source SET NOT NULL;
 ALTER TABLE longembed.collections ADD CONSTRAINT collections_model_source_check CHECK (model_source <> '');
+
+-- chunk_tokens: one default, in code (encoder.chunking.default_chunk_tokens: what fits the model's window
+-- next to its document prefix); the schema's own 256 disagreed with it and is dropped.
+ALTER TABLE longembed.collections ALTER COLUMN chunk_tokens DROP DEFAULT;

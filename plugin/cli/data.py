@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import psycopg
 
+from longembed.encoder.chunking import DEFAULT_CHUNK_TOKENS
 from longembed.plugin import db
 from longembed.plugin.embedded.server import resolve_dsn
 from longembed.plugin.store.collections import CollectionNotFound
@@ -97,7 +98,11 @@ def _collection_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("collection settings (create)")
     g.add_argument("--model", dest="model", help="model name or folder (default: the bundled MiniLM)")
     g.add_argument("--mode", choices=("full", "chunk", "late"), default="chunk")
-    g.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: what fits the model)")
+    g.add_argument(
+        "--chunk-tokens",
+        type=int,
+        help=f"tokens per chunk (default: {DEFAULT_CHUNK_TOKENS}, or what fits next to the document prefix)",
+    )
     g.add_argument("--overlap", type=int, default=32, help="tokens shared by neighbouring chunks")
     g.add_argument("--distance", choices=("cosine", "l2", "ip"), default="cosine")
     g.add_argument("--hnsw-m", type=int, default=16)
@@ -165,7 +170,7 @@ def _create_from_args(conn: psycopg.Connection, name: str, args: argparse.Namesp
     return create_collection(
         conn,
         name,
-        get_model(args.model).info,
+        get_model(args.model),
         mode=args.mode,
         chunk_tokens=args.chunk_tokens,
         overlap=args.overlap,

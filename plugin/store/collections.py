@@ -8,6 +8,7 @@ numeric id through psycopg.sql.Identifier, never from the user's collection name
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol, overload
@@ -16,8 +17,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
+from longembed.encoder.chunking import check_mode, default_chunk_tokens
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-MODES = ("full", "chunk", "late")
 MAX_HNSW_DIM = 2000
 
 # distance -> (pgvector operator, HNSW operator class)
@@ -36,7 +38,16 @@ class ModelDescription(Protocol):
     revision: str
     dim: int
     max_tokens: int
-    architecture: str
+    pooling: str
+    prefixes: dict[str, str]
+
+
+class CountingModel(Protocol):
+    """A loaded model (encoder.EmbeddingModel): its description and its tokenizer's counts."""
+
+    info: ModelDescription
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
 
 class CollectionNotFound(LookupError):
@@ -90,7 +101,7 @@ def validate_name(name: str) -> str:
 def create_collection(
     conn: psycopg.Connection,
     name: str,
-    model: ModelDescription,
+    model: CountingModel | ModelDescription,
     *,
     mode: str = "chunk",
     chunk_tokens: int | None = None,
@@ -102,24 +113,37 @@ def create_collection(
     hnsw_ef_construction: int = 64,
     text_search_config: str = "english",
 ) -> Collection:
-    """Create a collection for `model` (an encoder ModelInfo) with its chunk table and HNSW index.
+    """Create a collection for `model` with its chunk table and HNSW index.
 
-    `chunk_tokens` defaults to what fits the model next to [CLS] and [SEP] (max_tokens - 2); prefixes
-    default (None) to the model's own.
+    `model`: the loaded model, or only its ModelInfo where the document prefix is empty (a prefix's
+    tokens can only be counted with the model's tokenizer). `chunk_tokens` defaults as in the encoder
+    (encoder.chunking.default_chunk_tokens): what fits the model's window next to [CLS], [SEP] and the
+    document prefix, at most DEFAULT_CHUNK_TOKENS. Prefixes default (None) to the model's own.
     """
     validate_name(name)
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
-    if mode == "late" and model.architecture != "jina_bert":
-        raise ValueError(f"mode 'late' needs an ALiBi model (jina_bert); {model.name} is not one")
+    info: ModelDescription = getattr(model, "info", model)
+    check_mode(mode, info.pooling, info.name)
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}: expected one of {', '.join(DISTANCES)}")
-    if not 1 <= model.dim <= MAX_HNSW_DIM:
-        raise ValueError(f"dimension {model.dim} is outside 1..{MAX_HNSW_DIM}, what pgvector HNSW indexes")
-    room = model.max_tokens - 2
-    chunk_tokens = room if chunk_tokens is None else int(chunk_tokens)
+    if not 1 <= info.dim <= MAX_HNSW_DIM:
+        raise ValueError(f"dimension {info.dim} is outside 1..{MAX_HNSW_DIM}, what pgvector HNSW indexes")
+    prefix = info.prefixes["document"] if document_prefix is None else document_prefix
+    prefix_tokens = 0
+    if prefix:
+        if not hasattr(model, "count_tokens"):
+            raise TypeError(f"document prefix {prefix!r}: pass the model, not its info, to count its tokens")
+        prefix_tokens = model.count_tokens([prefix])[0]
+    room = info.max_tokens - 2 - prefix_tokens
+    if room < 1:
+        raise ValueError(
+            f"the document prefix takes {prefix_tokens} tokens: nothing fits in {info.max_tokens}"
+        )
+    chunk_tokens = default_chunk_tokens(room) if chunk_tokens is None else int(chunk_tokens)
     if not 0 < chunk_tokens <= room:
-        raise ValueError(f"chunk_tokens must be in 1..{room} for {model.name}, got {chunk_tokens}")
+        raise ValueError(
+            f"chunk_tokens must be in 1..{room} for {info.name} ({info.max_tokens} minus [CLS], [SEP] "
+            f"and {prefix_tokens} document prefix tokens), got {chunk_tokens}"
+        )
     if not 0 <= overlap < chunk_tokens:
         raise ValueError(f"overlap must be in 0..{chunk_tokens - 1}, got {overlap}")
     if not (2 <= hnsw_m <= 100 and 4 <= hnsw_ef_construction <= 1000):
@@ -137,10 +161,10 @@ def create_collection(
                    RETURNING id""",
                 (
                     name,
-                    model.name,
-                    model.source,
-                    model.revision,
-                    model.dim,
+                    info.name,
+                    info.source,
+                    info.revision,
+                    info.dim,
                     mode,
                     chunk_tokens,
                     overlap,
@@ -168,7 +192,7 @@ def create_collection(
                        n_tokens    integer NOT NULL,
                        embedding   vector({dim}) NOT NULL,
                        PRIMARY KEY (document_id, ordinal))"""
-            ).format(table=table, dim=sql.Literal(model.dim))
+            ).format(table=table, dim=sql.Literal(info.dim))
         )
         conn.execute(
             sql.SQL(
