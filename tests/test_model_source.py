@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from longembed.plugin.db import connect
 from longembed.plugin.store.collections import get_collection
@@ -105,3 +106,24 @@ def test_loading_another_model_does_not_load_the_bundled_one(tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"  # the bundled MiniLM package was never imported, let alone loaded
+
+
+def test_search_refuses_a_model_whose_weights_changed(dsn, tmp_path):
+    folder = model_folder(tmp_path, "drifting-minilm")
+    (tmp_path / "note.txt").write_text("Comets grow tails of gas and dust as they near the sun.")
+    made = cli(tmp_path, "ingest", "note.txt", "-c", "drift", "--create", "--model", str(folder),
+               "--dsn", dsn, "--no-progress")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    # New weights under the same folder: fine-tuned, or a different download.
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    weights.unlink()
+    state["embeddings.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"] * 1.01
+    save_file(state, str(weights))
+
+    with connect(dsn) as conn:
+        recorded = get_collection(conn, "drift").model_revision
+    found = cli(tmp_path, "search", "drift", "tails of comets", "--dsn", dsn)
+    assert found.returncode != 0 and found.stdout == ""
+    assert f"holds vectors of revision {recorded}" in found.stderr
+    assert "Put the original weights back, or create a new collection" in found.stderr

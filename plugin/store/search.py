@@ -90,6 +90,14 @@ def embed_query(collection: Collection, text: str, model: Any = None) -> np.ndar
             f"dimension mismatch: collection {collection.name!r} has {collection.dim}-d vectors, "
             f"model {model.info.name} gives {model.info.dim}-d"
         )
+    if model.info.revision != collection.model_revision:
+        # The worker refuses such a model too: vectors of other weights live in another space.
+        raise ValueError(
+            f"model revision mismatch: collection {collection.name!r} holds vectors of revision "
+            f"{collection.model_revision} of {collection.model_name}, the model loaded from "
+            f"{model.info.source} is revision {model.info.revision}. Put the original weights back, or "
+            "create a new collection with this model and ingest the documents into it again"
+        )
     return model.embed([text], kind="query", instruction=collection.query_prefix)[0]
 
 
