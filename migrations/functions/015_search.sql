@@ -22,7 +22,7 @@ DECLARE
     c           longembed.collections%ROWTYPE;
     v_op        text;
     v_sql       text;
-    v_n         integer := greatest(4 * p_k, 40);
+    v_n         integer;  -- candidate chunks: set after k is checked (4 * k overflows for huge k)
     v_old_ef    text;
     v_old_iter  text;
     v_iterative boolean;
@@ -33,6 +33,7 @@ BEGIN
     IF p_k IS NULL OR p_k < 1 OR p_k > 1000 THEN
         RAISE EXCEPTION 'longembed: k must be in 1..1000, got %', p_k USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    v_n := greatest(4 * p_k, 40);
     IF p_ef_search IS NOT NULL AND (p_ef_search < 1 OR p_ef_search > 1000) THEN
         RAISE EXCEPTION 'longembed: ef_search must be in 1..1000, got %', p_ef_search
             USING ERRCODE = 'invalid_parameter_value';

@@ -77,10 +77,17 @@ def search(
     return [SearchResult(*row) for row in rows]
 
 
+def require_text(text: str, what: str = "query text") -> None:
+    """The one rule for blank text, in search and in SQL embed(): a text that is empty or only
+    whitespace means nothing to embed or search for, so it is refused (ValueError) rather than turned
+    into the vector of [CLS][SEP], which is near arbitrary documents."""
+    if not text.strip():
+        raise ValueError(f"the {what} is empty (or only whitespace): nothing to embed")
+
+
 def embed_query(collection: Collection, text: str, model: Any = None) -> np.ndarray:
     """The query vector of `text` for `collection` (its query prefix, its model)."""
-    if not text.strip():
-        raise ValueError("the query text is empty")
+    require_text(text)
     if model is None:
         from longembed.plugin.models import get_model
 
