@@ -317,18 +317,22 @@ def _embed_inline(conn: psycopg.Connection, collection, config, *, quiet: bool) 
     remaining = pending()
     if not remaining:
         return 0
-    worker = Worker(conn, get_model(collection.model_source), config, [collection.name])
-    parked = 0
+    model = get_model(collection.model_source)
+    worker = Worker(conn, model, config, [collection.name])
+    parked = truncated = 0
     with tqdm(total=remaining, desc="embed", unit="doc", disable=quiet, file=sys.stderr) as bar:
         while remaining:
             stats = worker.run_once()
             parked += stats.parked
+            truncated += stats.truncated
             if stats.batches == 0:
                 time.sleep(0.5)  # items backing off before a retry, or leased by another worker
             now = pending()
             bar.update(max(0, remaining - now))
             remaining = now
     embedded_line = f"embedded into {collection.name}"
+    if truncated:
+        embedded_line += f"; {truncated} documents truncated at {model.info.max_tokens} tokens"
     if parked:
         print(
             f"{embedded_line}; {parked} documents failed (see `longembed collection list`)", file=sys.stderr
@@ -365,9 +369,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print("no results")
     for rank, r in enumerate(results, start=1):
         snippet = " ".join(r.snippet.split())[:100]
+        cut = ", truncated" if r.truncated else ""
         print(
             f"{rank:>3}. {r.score:.4f}  {r.external_id}  "
-            f"[chunk {r.chunk_ordinal}, chars {r.char_start}-{r.char_end}]"
+            f"[chunk {r.chunk_ordinal}, chars {r.char_start}-{r.char_end}{cut}]"
         )
         print(f"     {snippet}")
     return 0

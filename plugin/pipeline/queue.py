@@ -43,6 +43,7 @@ class ChunkRow(Protocol):
     end: int
     n_tokens: int
     vector: np.ndarray
+    truncated: bool  # the text was cut at the model's window (full mode)
 
 
 def new_token() -> uuid.UUID:
@@ -126,16 +127,14 @@ def write_results(
             sql.SQL("DELETE FROM {} WHERE document_id = ANY(%s)").format(collection.chunk_table), (owned,)
         )
         copy_sql = sql.SQL(
-            "COPY {} (document_id, ordinal, char_start, char_end, n_tokens, embedding) "
+            "COPY {} (document_id, ordinal, char_start, char_end, n_tokens, truncated, embedding) "
             "FROM STDIN (FORMAT BINARY)"
         ).format(collection.chunk_table)
         with cur.copy(copy_sql) as copy:
-            copy.set_types(["int8", "int4", "int4", "int4", "int4", "vector"])
+            copy.set_types(["int8", "int4", "int4", "int4", "int4", "bool", "vector"])
             for doc_id in owned:
-                for chunk in results[doc_id]:
-                    copy.write_row(
-                        (doc_id, chunk.ordinal, chunk.start, chunk.end, chunk.n_tokens, chunk.vector)
-                    )
+                for c in results[doc_id]:
+                    copy.write_row((doc_id, c.ordinal, c.start, c.end, c.n_tokens, c.truncated, c.vector))
         cur.execute(
             """UPDATE longembed.documents d SET status = 'embedded', error = NULL, model_revision = %s,
                    attempts = a.attempts, embed_count = d.embed_count + 1, embedded_at = now()

@@ -55,6 +55,7 @@ class WorkerStats:
     retrying: int = 0  # failures scheduled for another try
     parked: int = 0  # failures after the last try
     dropped: int = 0  # results discarded: lease lost (document re-queued or taken over)
+    truncated: int = 0  # documents written whose text was cut at the model's window (full mode)
     tokens: int = 0
     embed_seconds: float = 0.0
     db_seconds: float = 0.0
@@ -170,6 +171,7 @@ class Worker:
             errors = {item.document_id: f"write failed: {exc}" for item in items[:keep]} | errors
             retrying, parked = self._record_failures(errors)
         stats.embedded = len(written)
+        stats.truncated = sum(any(c.truncated for c in results[doc_id]) for doc_id in written)
         stats.dropped = len(results) - len(written)
         stats.retrying, stats.parked = len(retrying), len(parked)
         stats.db_seconds += time.perf_counter() - t0

@@ -190,6 +190,7 @@ def create_collection(
                        char_start  integer NOT NULL,
                        char_end    integer NOT NULL,
                        n_tokens    integer NOT NULL,
+                       truncated   boolean NOT NULL DEFAULT false,
                        embedding   vector({dim}) NOT NULL,
                        PRIMARY KEY (document_id, ordinal))"""
             ).format(table=table, dim=sql.Literal(info.dim))

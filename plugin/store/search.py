@@ -34,6 +34,7 @@ class SearchResult:
     char_end: int
     snippet: str  # the chunk's text, cut to SNIPPET_CHARS
     metadata: dict[str, Any]
+    truncated: bool  # the chunk's text was cut at the model's window: its vector saw only the start
 
 
 def search(
