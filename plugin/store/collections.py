@@ -280,19 +280,16 @@ def drop_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = F
     return True
 
 
-def trigger_names(collection_id: int) -> tuple[sql.Identifier, sql.Identifier]:
-    """Names of the row and TRUNCATE triggers feeding collection `collection_id` (plugin/vectorize.py)."""
-    return (
-        sql.Identifier(f"longembed_vectorize_{collection_id}"),
-        sql.Identifier(f"longembed_vectorize_{collection_id}_truncate"),
-    )
-
-
 def _drop_triggers(conn: psycopg.Connection, table_oid: int, collection_id: int) -> None:
     schema, table = conn.execute(
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.oid = %s::oid",
         (table_oid,),
     ).fetchone()
-    for name in trigger_names(collection_id):
-        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, sql.Identifier(schema, table)))
+    # The names longembed.vectorize_table() gives the row and TRUNCATE triggers (010_documents.sql).
+    for name in (f"longembed_vectorize_{collection_id}", f"longembed_vectorize_{collection_id}_truncate"):
+        conn.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(name), sql.Identifier(schema, table)
+            )
+        )
