@@ -12,11 +12,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
 from longembed.plugin.db import connect
-from longembed.plugin.store.collections import get_collection
+from longembed.plugin.models import get_model
+from longembed.plugin.service.host import HostConfig
+from longembed.plugin.store.collections import create_collection, get_collection
+from tests.hostutil import running_host
 from tests.jina_reference import jina_config, minilm_folder, write_checkpoint
 from tests.pgdb import migrated_database
 
@@ -127,3 +131,19 @@ def test_search_refuses_a_model_whose_weights_changed(dsn, tmp_path):
     assert found.returncode != 0 and found.stdout == ""
     assert f"holds vectors of revision {recorded}" in found.stderr
     assert "Put the original weights back, or create a new collection" in found.stderr
+
+
+def test_model_host_loads_a_folder_collection_by_its_source(dsn, tmp_path):
+    """SQL search() asks the model host (another process, another directory) for a collection's model
+    by its model_source: the host loads models that a collection uses, found by that source."""
+    folder = model_folder(tmp_path, "host-minilm")
+    with connect(dsn) as conn:
+        collection = create_collection(conn, "local-host", get_model(str(folder)).info)
+    with running_host(HostConfig(dsn=dsn, worker=False)) as running:
+        answer = httpx.post(
+            f"{running.url}/v1/embeddings",
+            json={"input": ["string instrument"], "model": collection.model_source},
+            timeout=120,
+        )
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["data"][0]["embedding"]) == 384

@@ -57,6 +57,7 @@ def test_ingest_reports_truncated_documents(ingested):
     assert "1 documents truncated at 256 tokens" in run.stdout
 
 
+@pytest.mark.usefixtures("model_host")  # SQL search() and embed_query() go through the model host
 def test_search_results_say_which_chunk_was_truncated(dsn, ingested):
     _, folder = ingested
     with connect(dsn) as conn:

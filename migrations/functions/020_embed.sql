@@ -231,7 +231,7 @@ BEGIN
         RAISE EXCEPTION 'longembed: no collection named %', quote_literal(collection)
             USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM longembed.collections';
     END IF;
-    RETURN (longembed.host_embed(ARRAY[query], 'query', c.model_name, c.query_prefix, c.dim,
+    RETURN (longembed.host_embed(ARRAY[query], 'query', c.model_source, c.query_prefix, c.dim,
                                  c.model_revision))[1];
 END;
 $body$;
