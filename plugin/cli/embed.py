@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longembed.encoder.chunking import MODES
+from longembed.encoder.chunking import DEFAULT_CHUNK_TOKENS, MODES
 from longembed.encoder.profiles import KINDS
 
 PROGRESS_MIN_TEXTS = 1000
@@ -49,7 +49,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--instruction", default=None, help="free instruction prefix, overrides --kind's prefix")
     p.add_argument("--mode", choices=MODES, default="full", help="full (default), chunk or late")
-    p.add_argument("--chunk-tokens", type=_positive_int, default=256, help="tokens per chunk (chunk/late)")
+    p.add_argument(
+        "--chunk-tokens",
+        type=_positive_int,
+        default=None,
+        help=f"tokens per chunk (default: {DEFAULT_CHUNK_TOKENS}, or what fits next to the prefix)",
+    )
     p.add_argument("--overlap", type=_non_negative_int, default=32, help="overlapping tokens between chunks")
     p.add_argument(
         "--batch-tokens",
