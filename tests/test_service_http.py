@@ -359,6 +359,10 @@ def test_binding_beyond_loopback_needs_keys(capsys):
     check_bind("::1", 8080, ())
     assert main(["serve", "--host", "0.0.0.0", "--port", "8080"]) == 2
     assert "refusing to listen on 0.0.0.0:8080 without API keys" in capsys.readouterr().err
+    assert main(["serve", "--port", "0"]) == 2
+    assert "nothing to listen on" in capsys.readouterr().err
+    assert main(["serve", "--max-wait-ms", "-1"]) == 2
+    assert "batching window" in capsys.readouterr().err
 
 
 def test_tcp_listener_sets_nodelay():

@@ -47,6 +47,8 @@ class HostConfig:
             raise ValueError("limits must be positive")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError("batch_tokens must be positive")
+        if not 0 <= self.max_wait <= 1:
+            raise ValueError(f"the batching window must be 0 to 1000 ms, got {self.max_wait * 1000:g} ms")
 
 
 class Host:
