@@ -311,8 +311,7 @@ def test_only_superusers_choose_arbitrary_models(conn, model, collection):
     """Any session may SET longembed.model; a plain role may only name a model a collection uses."""
     role = "le_plain_" + collection
     conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA longembed TO {}").format(sql.Identifier(role)))
-    conn.execute(sql.SQL("GRANT SELECT ON longembed.collections TO {}").format(sql.Identifier(role)))
+    conn.execute(sql.SQL("GRANT longembed_reader TO {}").format(sql.Identifier(role)))
     try:
         conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
         conn.execute("SET longembed.model = '/etc'")
