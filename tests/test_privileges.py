@@ -355,6 +355,14 @@ def test_app_role_is_what_dsn_gives_and_runs_ingest_and_search(tmp_path, monkeyp
             ).fetchone()
         assert owners == [(SUPERUSER,)] and docs == (2,)
 
+        # A server started before the application role existed (or a lost password file): `dsn`
+        # (re)makes it through the superuser.
+        (home / "app-password").unlink()
+        renewed = cli("dsn")[1].strip()
+        assert renewed != app
+        with psycopg.connect(renewed, autocommit=True) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (APP_ROLE,)
+
         # A backend's environment, seen from inside (PostgreSQL reuses /proc/PID/environ for its titles).
         assert "HF_TOKEN" not in server._server_env()
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -367,3 +375,50 @@ def test_app_role_is_what_dsn_gives_and_runs_ingest_and_search(tmp_path, monkeyp
     finally:
         server.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_without_createrole_roles_are_left_out_with_a_notice(pg_dsn, tmp_path, monkeypatch):
+    """An owner without CREATEROLE migrates: the roles it cannot create are named in the report, PUBLIC
+    still gets nothing, and the owner itself has everything. The server-wide roles of the other tests
+    exist, so this runs our migration files with role names nobody has created."""
+    suffix = uuid.uuid4().hex[:8]
+    package = f"le_roles_{suffix}"
+    source = Path(__file__).resolve().parents[1] / "migrations"
+    shutil.copytree(source, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in (tmp_path / package).rglob("*.sql"):
+        text = path.read_text().replace("longembed_reader", f"le_reader_{suffix}")
+        path.write_text(text.replace("longembed_writer", f"le_writer_{suffix}"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    owner, password = f"le_owner_{suffix}", secrets.token_urlsafe(16)
+    with fresh_database(pg_dsn, "le_priv_norole") as url:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("CREATE EXTENSION vector")
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN NOCREATEROLE PASSWORD {}").format(
+                    sql.Identifier(owner), sql.Literal(password)
+                )
+            )
+            admin.execute(
+                sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                    sql.Identifier(admin.info.dbname), sql.Identifier(owner)
+                )
+            )
+        try:
+            with connect(make_conninfo(url, user=owner, password=password)) as conn:
+                report = migrate(conn, package)
+                [notice] = [n for n in report.notices if n.startswith("090_privileges.sql")]
+                assert f"roles le_reader_{suffix}, le_writer_{suffix} not created" in notice
+                assert f"{owner} lacks CREATEROLE" in notice
+                public = conn.execute(
+                    """SELECT count(*) FROM pg_proc p WHERE p.pronamespace = 'longembed'::regnamespace
+                         AND (p.proacl IS NULL
+                              OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) a WHERE a.grantee = 0))"""
+                ).fetchone()
+                assert public == (0,)
+                collection = create_collection(conn, "owned", FourDims())
+                assert add_documents(conn, collection, [Document("o1", "text")]).counts["inserted"] == 1
+                assert drop_collection(conn, "owned") is True
+        finally:
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(owner)))
+                admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(owner)))
