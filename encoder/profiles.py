@@ -20,6 +20,9 @@ KINDS = ("query", "document")
 class Profile:
     pooling: str = "mean"
     prefixes: dict[str, str] = field(default_factory=lambda: {"query": "", "document": ""})
+    # Output sizes the model was trained to be truncated to (Matryoshka representation learning);
+    # empty: a truncated vector of this model is not a meaningful embedding.
+    matryoshka_dims: tuple[int, ...] = ()
 
 
 # Matched against the model name (hub id or folder name), first match wins.
@@ -30,6 +33,14 @@ KNOWN_FAMILIES: list[tuple[str, Profile]] = [
         Profile("cls", {"query": BGE_QUERY, "document": ""}),
     ),
     (r"(^|/)(multilingual-)?e5-", Profile("mean", {"query": "query: ", "document": "passage: "})),
+    (
+        r"(^|/)nomic-embed-text-v1\.5",
+        Profile(
+            "mean",
+            {"query": "search_query: ", "document": "search_document: "},
+            matryoshka_dims=(768, 512, 256, 128, 64),
+        ),
+    ),
     (
         r"(^|/)nomic-embed-text",
         Profile("mean", {"query": "search_query: ", "document": "search_document: "}),
@@ -53,7 +64,7 @@ def profile_for(name: str, folder: Path) -> Profile:
         if key in prompts:
             prefixes["document"] = prompts[key]
             break
-    return Profile(pooling, prefixes)
+    return Profile(pooling, prefixes, family.matryoshka_dims)
 
 
 def _folder_pooling(folder: Path) -> str | None:

@@ -22,6 +22,7 @@ from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from longembed.plugin.cli import main
+from longembed.plugin.cli.server import host_of
 from longembed.plugin.db import connect
 from longembed.plugin.embedded.server import APP_ROLE, SUPERUSER, EmbeddedServer
 from longembed.plugin.migrate import migrate
@@ -174,9 +175,9 @@ def test_reader_searches_with_a_bare_search_path_but_cannot_write(owner_dsn, log
         granted = conn.execute(
             """SELECT p.oid::regprocedure::text, has_function_privilege(p.oid, 'EXECUTE')
                FROM pg_proc p WHERE p.pronamespace = 'longembed'::regnamespace
-                 AND p.proname IN ('embed', 'embed_query', 'search')"""
+                 AND p.proname IN ('embed', 'embed_query', 'search', 'host_embed', 'host_setting')"""
         ).fetchall()
-        assert granted and all(ok for _, ok in granted), granted
+        assert len(granted) == 6 and all(ok for _, ok in granted), granted
     for statement in (
         "SELECT longembed.upsert_document(1, 'x', 'text')",
         "INSERT INTO longembed.documents (collection_id, external_id, text, content_hash) "
@@ -309,8 +310,8 @@ def test_wrapper_owned_by_us_but_not_calling_longembed_is_left_alone(pg_dsn):
 
 def test_app_role_is_what_dsn_gives_and_runs_ingest_and_search(tmp_path, monkeypatch, capsys):
     """A fresh embedded server: `dsn` names longembed_app (not a superuser), `dsn --admin` the superuser;
-    ingest --create (migrating through the superuser) and search run as the app role; backends do not
-    see our secrets."""
+    ingest --create (migrating through the superuser), search and SQL search through the model host run
+    as the app role, and so does the host; backends do not see our secrets."""
     home = Path("/tmp") / f"longembed-priv-{uuid.uuid4().hex[:10]}"
     monkeypatch.setenv("LONGEMBED_HOME", str(home))
     monkeypatch.delenv("LONGEMBED_DSN", raising=False)
@@ -324,7 +325,7 @@ def test_app_role_is_what_dsn_gives_and_runs_ingest_and_search(tmp_path, monkeyp
         return code, out, err
 
     try:
-        assert cli("up")[0] == 0
+        assert cli("up", "--http-port", "0")[0] == 0
         assert (home / "app-password").stat().st_mode & 0o777 == 0o600
         app = cli("dsn")[1].strip()
         admin = cli("dsn", "--admin")[1].strip()
@@ -346,6 +347,15 @@ def test_app_role_is_what_dsn_gives_and_runs_ingest_and_search(tmp_path, monkeyp
         assert code == 0, err
         [hit] = json.loads(out)
         assert hit["external_id"].endswith("tea.txt")
+        with psycopg.connect(app, autocommit=True) as conn:  # SQL search: embed() asks the model host
+            sql_hit = conn.execute(
+                "SELECT external_id FROM longembed.search('notes', 'tea and hot water', 1)"
+            )
+            assert sql_hit.fetchall() == [(hit["external_id"],)]
+        supervisor = host_of(server).running_pid()
+        host_env = Path(f"/proc/{supervisor}/environ").read_bytes().split(b"\0")
+        [host_dsn] = [v.split(b"=", 1)[1].decode() for v in host_env if v.startswith(b"LONGEMBED_DSN=")]
+        assert conninfo_to_dict(host_dsn)["user"] == APP_ROLE
         with psycopg.connect(admin, autocommit=True) as conn:
             owners = conn.execute(
                 "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'longembed'"
@@ -373,7 +383,7 @@ def test_app_role_is_what_dsn_gives_and_runs_ingest_and_search(tmp_path, monkeyp
         names = seen[0].split()
         assert "PATH" in names and "HF_TOKEN" not in names and "AWS_SECRET_ACCESS_KEY" not in names
     finally:
-        server.stop()
+        main(["down"])
         shutil.rmtree(home, ignore_errors=True)
 
 

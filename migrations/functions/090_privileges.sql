@@ -4,7 +4,8 @@
 -- - PUBLIC gets nothing: no USAGE on schema longembed, no EXECUTE on its functions or on our wrappers in
 --   schema public (see 0003_privileges.sql for the default privileges).
 -- - longembed_reader (NOLOGIN): search and embed: USAGE on the schema, SELECT on its tables, EXECUTE on
---   the search*/embed* functions and the public wrappers.
+--   the search*/embed* functions, what they call (host_embed, host_setting: 020_embed.sql) and the
+--   public wrappers.
 -- - longembed_writer (NOLOGIN, member of longembed_reader): ingest and collections: INSERT, UPDATE,
 --   DELETE on the tables (not on schema_migrations) and EXECUTE on every function of the schema
 --   (collections' chunk tables are made by SECURITY DEFINER functions, 030_collection_tables.sql).
@@ -63,7 +64,8 @@ BEGIN
         GRANT USAGE ON SCHEMA longembed TO longembed_reader;
         GRANT SELECT ON ALL TABLES IN SCHEMA longembed TO longembed_reader;
         FOR f IN SELECT p.oid::regprocedure AS signature FROM pg_proc p
-                 WHERE (p.pronamespace = 'longembed'::regnamespace AND p.proname ~ '^(search|embed)')
+                 WHERE (p.pronamespace = 'longembed'::regnamespace
+                        AND (p.proname ~ '^(search|embed)' OR p.proname IN ('host_embed', 'host_setting')))
                     OR (p.pronamespace = 'public'::regnamespace AND longembed.is_our_wrapper(p.oid)) LOOP
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO longembed_reader', f.signature);
         END LOOP;

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longembed.plugin.cli import data, embed, quickstart, server
+from longembed.plugin.cli import data, embed, quickstart, serve, server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_commands(sub)
     data.add_commands(sub)
     quickstart.add_commands(sub)
+    serve.add_commands(sub)
     return parser
 
 

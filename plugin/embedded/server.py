@@ -21,10 +21,10 @@ a server nobody stops. This launcher runs the bundled initdb / pg_ctl itself:
   postmaster.pid whose process is gone, and a pid file naming a live process that is not our
   postmaster (a reused pid) is removed here.
 
-The server's processes get a short list of environment variables (`_server_env`), not ours: no tokens
-or cloud keys reach a backend. PYTHONPATH comes from the running interpreter (the project and its
-site-packages), so the PL/Python functions (`plpython3u`, built by `longembed setup-plpython`) import
-`longembed`.
+No model and no longembed code runs inside a backend: the SQL functions (`plpython3u`, built by
+`longembed setup-plpython`) call the model host over the Unix socket `host/host.sock` in the home, which
+`longembed.host` in the server's configuration names. The folder `host/` is private to the server's OS
+user (and root), so only backends and the owner reach the host without a key.
 
 Settings: LONGEMBED_HOME (the home), LONGEMBED_PORT, LONGEMBED_SERVICE_USER (as root; default
 `longembed`), LONGEMBED_CACHE (the PL/Python build, embedded/plpython.py); LONGEMBED_DSN or --dsn
@@ -45,7 +45,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,7 +62,8 @@ SERVICE_USER = "longembed"
 LISTEN_HOST = "127.0.0.1"
 ROOT_HOME = Path("/var/lib/longembed")
 START_TIMEOUT_S = 60
-CRASH_WAIT_S = 15  # for a killed postmaster to be reaped and its backends to exit
+CRASH_WAIT_S = 15
+_SERVER_ENV = ("PATH", "LANG", "TZ", "TMPDIR")  # and LC_*: nothing else reaches a backend
 
 
 class ServerError(RuntimeError):
@@ -114,21 +114,6 @@ def default_home() -> Path:
     return Path(data_home) / "longembed"
 
 
-def server_python_path() -> list[str]:
-    """Folders the backend's Python needs on sys.path: the running interpreter's site-packages.
-
-    An editable install maps `longembed.*` onto the checkout through a .pth hook, which PYTHONPATH entries
-    do not run; the SQL function bodies run it with `site.addsitedir`.
-    """
-    paths: list[str] = []
-    for entry in sys.path:
-        if entry and Path(entry).is_dir() and Path(entry).name in ("site-packages", "dist-packages"):
-            resolved = str(Path(entry).resolve())
-            if resolved not in paths:
-                paths.append(resolved)
-    return paths
-
-
 # Paths written into postgresql.conf: no quote, comma, space or newline (the socket list is comma
 # separated, values are quoted strings), so a hostile LONGEMBED_HOME cannot add settings.
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*$")
@@ -161,7 +146,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # As PostgreSQL binds: connections of a stopped server in TIME_WAIT do not make the port busy.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -186,15 +171,6 @@ class Status:
         return dataclasses.asdict(self)
 
 
-# What the server's processes get of our environment: what PostgreSQL reads (PATH for commands it
-# runs, locale, time zone, temporary folder) and, while the backends still load models for the
-# PL/Python embed(), where the model cache is (HOME, HF_HOME, HF_HUB_CACHE, XDG_CACHE_HOME). Nothing
-# else: tokens (HF_TOKEN) and cloud keys stay with us. PG* variables would override our settings.
-_SERVER_ENV = frozenset(
-    ("PATH", "LANG", "LANGUAGE", "TZ", "TZDIR", "TMPDIR", "HOME", "HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME")
-)
-
-
 class EmbeddedServer:
     """One embedded PostgreSQL cluster in `home` (see the module docstring for the layout)."""
 
@@ -214,6 +190,7 @@ class EmbeddedServer:
         )
         self.data_dir = self.home / "pg"
         self.socket_dir = self.home / "run"
+        self.host_socket = self.home / "host" / "host.sock"  # the model host (longembed serve)
         self.log_file = self.home / "log" / "postgres.log"
         self.password_file = self.home / "password"
         self.app_password_file = self.home / "app-password"
@@ -340,7 +317,7 @@ class EmbeddedServer:
                     "the way is closed to it). longembed changes no permissions outside its own directories: "
                     f"set LONGEMBED_HOME to a place that user can reach (the default for root is {ROOT_HOME})"
                 )
-        for folder in (self.home, self.socket_dir, self.log_file.parent):
+        for folder in (self.home, self.socket_dir, self.host_socket.parent, self.log_file.parent):
             self._make_private_dir(folder)
 
     def _password(self, path: Path | None = None) -> str:
@@ -425,27 +402,27 @@ class EmbeddedServer:
             f"unix_socket_directories = '{conf_path(self.socket_dir)}'",
             "unix_socket_permissions = 0700",
             "password_encryption = 'scram-sha-256'",
+            f"longembed.host = 'unix:{conf_path(self.host_socket)}'",
             *memory_settings(),
         ]
         if not self.durable:
             lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
         from longembed.plugin.embedded import plpython
 
-        plpython = plpython.installed_dir(self.pginstall())
-        if plpython is not None:
+        plpython_dir = plpython.installed_dir(self.pginstall())
+        if plpython_dir is not None:
             # Our own extension folder beside the bundled one (PostgreSQL >= 18).
             lines += [
-                f"extension_control_path = '$system:{conf_path(plpython / 'share')}'",
-                f"dynamic_library_path = '$libdir:{conf_path(plpython / 'lib')}'",
+                f"extension_control_path = '$system:{conf_path(plpython_dir / 'share')}'",
+                f"dynamic_library_path = '$libdir:{conf_path(plpython_dir / 'lib')}'",
             ]
         self._write_owned(self.data_dir / "longembed.conf", "\n".join(lines) + "\n")
 
     def _server_env(self) -> dict[str, str]:
+        """Only what PostgreSQL needs: backends must not inherit the caller's tokens and cloud keys."""
         env = {k: v for k, v in os.environ.items() if k in _SERVER_ENV or k.startswith("LC_")}
-        env["PYTHONPATH"] = os.pathsep.join(server_python_path())
-        env["PYTHONNOUSERSITE"] = "1"
         env["LC_ALL"] = "C.UTF-8"
-        env.setdefault("HF_HUB_OFFLINE", "1")  # a backend must never wait on the network for a model
+        env["PYTHONNOUSERSITE"] = "1"  # PL/Python: no per-user packages of whoever the server runs as
         return env
 
     def _choose_port(self, requested: int | None) -> int:
@@ -460,11 +437,11 @@ class EmbeddedServer:
         if requested is not None:
             if not 1 <= requested <= 65535:
                 raise ServerError(f"port must be in 1..65535, got {requested}")
-            if not _port_is_free(requested):
+            if not port_is_free(requested):
                 raise ServerError(f"port {requested} on {LISTEN_HOST} is in use")
             return requested
         stored = state.get("port")
-        if isinstance(stored, int) and _port_is_free(stored):
+        if isinstance(stored, int) and port_is_free(stored):
             return stored
         return _free_port()
 
@@ -678,17 +655,6 @@ class EmbeddedServer:
         if with_password:
             user += ":" + quote(password_file.read_text().strip(), safe="")
         return f"postgresql://{user}@{LISTEN_HOST}:{port}/{quote(dbname)}"
-
-    def unreadable_python_paths(self) -> list[str]:
-        """Entries of the backend's PYTHONPATH the server's user cannot read (PL/Python would miss them)."""
-        return [
-            path
-            for path in server_python_path()
-            if subprocess.run(
-                self._as_service_user(["test", "-r", path, "-a", "-x", path]), capture_output=True
-            ).returncode
-            != 0
-        ]
 
 
 def resolve_dsn(args: Any = None, *, admin: bool = False) -> str:
