@@ -222,7 +222,7 @@ def test_private_directories_and_files(home):
     server.start()
     for folder in (home, home / "pg", home / "run", home / "log"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
-    for private in (home / "password", home / "server.json"):
+    for private in (home / "password", home / "app-password", home / "server.json"):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
     owner = pwd.getpwuid((home / "pg").stat().st_uid).pw_name
     assert owner == server.run_as
@@ -425,10 +425,13 @@ def test_resolve_dsn_order(home, monkeypatch):
         resolve_dsn(argparse.Namespace(dsn=None))
     server = EmbeddedServer(home, durable=False)
     server.start()
-    assert resolve_dsn(argparse.Namespace(dsn=None)) == server.dsn()
-    assert resolve_dsn(None) == server.dsn()
+    # The application role for the data commands, the superuser for migrate (admin=True).
+    assert resolve_dsn(argparse.Namespace(dsn=None)) == server.app_dsn() != server.dsn()
+    assert resolve_dsn(None) == server.app_dsn()
+    assert resolve_dsn(None, admin=True) == server.dsn()
     monkeypatch.setenv("LONGEMBED_DSN", "postgresql://elsewhere/db")
     assert resolve_dsn(argparse.Namespace(dsn=None)) == "postgresql://elsewhere/db"
+    assert resolve_dsn(argparse.Namespace(dsn=None), admin=True) == "postgresql://elsewhere/db"
     assert resolve_dsn(argparse.Namespace(dsn="host=explicit")) == "host=explicit"
 
 

@@ -4,8 +4,9 @@
 --
 -- The statement is dynamic (the chunk table and the distance operator depend on the collection), so
 -- EXECUTE plans it afresh with the real vector and LIMIT each time, and plan_cache_mode is pinned to
--- custom plans: no generic plan can replace the HNSW index scan with a sort of the whole table. Operators resolve through the caller's search_path
--- (where pgvector's schema is), as for any pgvector query; our own objects are schema-qualified.
+-- custom plans: no generic plan can replace the HNSW index scan with a sort of the whole table.
+-- 090_privileges.sql pins their search_path to pg_catalog and pgvector's schema, so pgvector's operators
+-- resolve for every caller; our own objects are schema-qualified.
 
 -- Schema version 2 added `truncated` to the results. CREATE OR REPLACE cannot change a function's result
 -- columns, so older definitions are dropped first (once: afterwards they have the column).

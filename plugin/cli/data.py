@@ -136,8 +136,8 @@ def _errors_to_exit_codes(fn: Callable[[argparse.Namespace], int]) -> Callable[[
     return run
 
 
-def _connect(args: argparse.Namespace, *, schema: bool = True) -> psycopg.Connection:
-    conn = db.connect(resolve_dsn(args))
+def _connect(args: argparse.Namespace, *, schema: bool = True, admin: bool = False) -> psycopg.Connection:
+    conn = db.connect(resolve_dsn(args, admin=admin))
     if schema:
         try:
             db.require_vector(conn)
@@ -151,7 +151,7 @@ def _connect(args: argparse.Namespace, *, schema: bool = True) -> psycopg.Connec
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from longembed.plugin.migrate import migrate
 
-    with _connect(args, schema=False) as conn:
+    with _connect(args, schema=False, admin=True) as conn:
         report = migrate(conn)
     for name in report.applied:
         print(f"applied {name}")
@@ -160,6 +160,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     print(f"functions: {', '.join(report.functions) or 'none'}")
     for line in report.skipped:
         print(f"notice: skipped {line}", file=sys.stderr)
+    for line in report.notices:
+        print(f"notice: {line}", file=sys.stderr)
     return 0
 
 
@@ -260,7 +262,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     config = _worker_config(args)  # validates the worker flags before any work
     with _connect(args, schema=False) as conn:
         if args.create and not applied_versions(conn):
-            migrate(conn)
+            with _connect(args, schema=False, admin=True) as admin:
+                migrate(admin)
         db.require_vector(conn)
         collection = get_collection(conn, args.collection, missing_ok=args.create)
         if collection is None:

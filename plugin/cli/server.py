@@ -53,8 +53,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(run=_guard(_cmd_status))
 
-    p = sub.add_parser("dsn", help="print the connection URI of the embedded server (with its password)")
+    p = sub.add_parser(
+        "dsn", help="print the connection URI of the embedded server's application role (with its password)"
+    )
     p.add_argument("--no-password", action="store_true", help="leave the password out")
+    _admin_option(p)
     p.set_defaults(run=_guard(_cmd_dsn))
 
     p = sub.add_parser("psql", help="open psql on the database (embedded server, --dsn or $LONGEMBED_DSN)")
@@ -63,6 +66,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-c", "--command", action="append", help="run this SQL and exit (repeatable)")
     p.add_argument("-f", "--file", help="run the SQL in this file and exit")
+    _admin_option(p)
     p.add_argument("psql_args", nargs=argparse.REMAINDER, help="after --: more psql arguments")
     p.set_defaults(run=_guard(_cmd_psql))
 
@@ -72,6 +76,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--force", action="store_true", help="rebuild even when a build is cached")
     p.set_defaults(run=_guard(_cmd_setup_plpython))
+
+
+def _admin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--admin",
+        action="store_true",
+        help="the embedded server's superuser instead of the application role longembed_app",
+    )
 
 
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -132,7 +144,8 @@ def _start_host(server: EmbeddedServer, args: argparse.Namespace) -> None:
         serve_args += ["--socket-user", server.service_user]
     for model in args.model or []:
         serve_args += ["--model", model]
-    env = dict(os.environ, LONGEMBED_DSN=server.dsn())  # not in argv: ps shows argv to every user
+    # The application role, not the superuser; in the environment, not in argv (ps shows argv to all).
+    env = dict(os.environ, LONGEMBED_DSN=server.app_dsn())
     pid = host.start(serve_args, env)
     where = f"unix:{server.host_socket}" + (
         f" and http://127.0.0.1:{args.http_port}" if args.http_port else ""
@@ -193,14 +206,15 @@ def _cmd_dsn(args: argparse.Namespace) -> int:
     server = EmbeddedServer()
     if server.running_pid() is None:
         raise ServerError("the embedded server is not running: start it with `longembed up`")
-    print(server.dsn(with_password=not args.no_password))
+    dsn = server.dsn if args.admin else server.app_dsn
+    print(dsn(with_password=not args.no_password))
     return 0
 
 
 def _cmd_psql(args: argparse.Namespace) -> int:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    dsn = resolve_dsn(args)
+    dsn = resolve_dsn(args, admin=args.admin)
     # The password travels in the environment, not in argv (visible to every user in ps).
     params = conninfo_to_dict(dsn)
     password = params.pop("password", None)

@@ -6,7 +6,11 @@ a server nobody stops. This launcher runs the bundled initdb / pg_ctl itself:
 
 - one home directory per user (`$LONGEMBED_HOME`, else `~/.local/share/longembed`; for root
   `/var/lib/longembed`), mode 0700, holding the data directory `pg/`, the Unix socket directory `run/`,
-  the log, the generated password (0600) and `server.json` (the port);
+  the log, the generated passwords (0600) and `server.json` (the port);
+- two login roles: the superuser `postgres` (password file `password`) for `migrate` and administration,
+  and `longembed_app` (`app-password`), a member of `longembed_writer` and nothing more, which the data
+  commands, workers and the service use (`longembed dsn` vs `longembed dsn --admin`); the privileges of
+  `longembed_writer` come from `longembed migrate` (migrations/functions/090_privileges.sql);
 - the server listens on 127.0.0.1 only, on a free port picked at first start (or `--port` /
   `$LONGEMBED_PORT`), and every connection, socket included, needs the password (scram-sha-256);
 - as root, the server runs as an unprivileged system user (`longembed`, created when missing) through
@@ -50,6 +54,9 @@ from typing import Any
 from urllib.parse import quote
 
 SUPERUSER = "postgres"  # not "longembed": "$user" in search_path would then name our schema
+APP_ROLE = "longembed_app"
+APP_GROUP = "longembed_writer"  # 090_privileges.sql grants it what ingest and search need
+GROUP_ROLES = ("longembed_reader", APP_GROUP)
 DATABASE = "longembed"
 SERVICE_USER = "longembed"
 LISTEN_HOST = "127.0.0.1"
@@ -186,6 +193,7 @@ class EmbeddedServer:
         self.host_socket = self.home / "host" / "host.sock"  # the model host (longembed serve)
         self.log_file = self.home / "log" / "postgres.log"
         self.password_file = self.home / "password"
+        self.app_password_file = self.home / "app-password"
         self.state_file = self.home / "server.json"
         self._pginstall: Path | None = None
 
@@ -312,17 +320,19 @@ class EmbeddedServer:
         for folder in (self.home, self.socket_dir, self.host_socket.parent, self.log_file.parent):
             self._make_private_dir(folder)
 
-    def _password(self) -> str:
-        if not self.password_file.exists():
+    def _password(self, path: Path | None = None) -> str:
+        """The password in `path` (default: the superuser's), generated (0600) on first use."""
+        path = path or self.password_file
+        if not path.exists():
             password = secrets.token_urlsafe(32)
-            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(password + "\n")
-            self._chown(self.password_file)
-        mode = self.password_file.stat().st_mode & 0o777
+            self._chown(path)
+        mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            raise ServerError(f"{self.password_file} is readable by others (mode {mode:o}); expected 0600")
-        return self.password_file.read_text().strip()
+            raise ServerError(f"{path} is readable by others (mode {mode:o}); expected 0600")
+        return path.read_text().strip()
 
     def _load_state(self) -> dict[str, Any]:
         try:
@@ -562,6 +572,34 @@ class EmbeddedServer:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
             if not exists:
                 conn.execute(f"CREATE DATABASE {DATABASE}")
+            self._ensure_app_role(conn)
+
+    def _ensure_app_role(self, conn: Any) -> None:
+        """Create (or re-key) the login role `longembed_app`, member of `longembed_writer`.
+
+        The group roles are created here too (NOLOGIN, as 090_privileges.sql would): the membership
+        needs them, and `migrate` grants them their privileges. The password is hashed (SCRAM) here, so
+        its clear text never reaches the server or its log.
+        """
+        from psycopg import sql
+
+        password = self._password(self.app_password_file)
+        with conn.transaction():
+            for role in (*GROUP_ROLES, APP_ROLE):
+                if conn.execute("SELECT to_regrole(%s) IS NULL", (role,)).fetchone()[0]:
+                    login = sql.SQL("LOGIN" if role == APP_ROLE else "NOLOGIN")
+                    conn.execute(sql.SQL("CREATE ROLE {} {}").format(sql.Identifier(role), login))
+            if not conn.execute(
+                "SELECT pg_has_role(%s, %s, 'MEMBER')", (GROUP_ROLES[1], GROUP_ROLES[0])
+            ).fetchone()[0]:
+                conn.execute(sql.SQL("GRANT {} TO {}").format(*map(sql.Identifier, GROUP_ROLES)))
+            verifier = conn.pgconn.encrypt_password(password.encode(), APP_ROLE.encode(), b"scram-sha-256")
+            conn.execute(
+                sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                    sql.Identifier(APP_ROLE), sql.Literal(verifier.decode())
+                )
+            )
+            conn.execute(sql.SQL("GRANT {} TO {}").format(*map(sql.Identifier, (APP_GROUP, APP_ROLE))))
 
     def reload_settings(self) -> None:
         """Rewrite longembed.conf (e.g. after setup-plpython) and make the running server read it."""
@@ -596,20 +634,35 @@ class EmbeddedServer:
 
     def dsn(self, dbname: str = DATABASE, *, with_password: bool = True) -> str:
         """libpq URI for the superuser `postgres` over TCP on 127.0.0.1 (password included by default)."""
+        return self._uri(SUPERUSER, self.password_file, dbname, with_password)
+
+    def app_dsn(self, dbname: str = DATABASE, *, with_password: bool = True) -> str:
+        """libpq URI for the application role `longembed_app` (what the data commands use).
+
+        A server started before the role existed gets it now (through the superuser).
+        """
+        if not self.app_password_file.exists() and self.running_pid() is not None:
+            import psycopg
+
+            with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+                self._ensure_app_role(conn)
+        return self._uri(APP_ROLE, self.app_password_file, dbname, with_password)
+
+    def _uri(self, user: str, password_file: Path, dbname: str, with_password: bool) -> str:
         port = self._load_state().get("port")
-        if not isinstance(port, int) or not self.password_file.exists():
+        if not isinstance(port, int) or not password_file.exists():
             raise ServerError(f"the embedded server in {self.home} has not been set up: run `longembed up`")
-        user = SUPERUSER
         if with_password:
-            user += ":" + quote(self.password_file.read_text().strip(), safe="")
+            user += ":" + quote(password_file.read_text().strip(), safe="")
         return f"postgresql://{user}@{LISTEN_HOST}:{port}/{quote(dbname)}"
 
-    def password(self) -> str:
-        return self.password_file.read_text().strip()
 
+def resolve_dsn(args: Any = None, *, admin: bool = False) -> str:
+    """The DSN every command uses: `--dsn`, then `$LONGEMBED_DSN`, then the running embedded server.
 
-def resolve_dsn(args: Any = None) -> str:
-    """The DSN every command uses: `--dsn`, then `$LONGEMBED_DSN`, then the running embedded server."""
+    For the embedded server: the application role, or with `admin` (migrate) the superuser. A DSN given
+    by the user is used as it is for both.
+    """
     explicit = getattr(args, "dsn", None)
     if explicit:
         return explicit
@@ -621,4 +674,4 @@ def resolve_dsn(args: Any = None) -> str:
             f"no database: the embedded server ({server.home}) is not running; start it with `longembed up`, "
             "or pass --dsn / set LONGEMBED_DSN for another PostgreSQL"
         )
-    return server.dsn()
+    return server.dsn() if admin else server.app_dsn()

@@ -148,7 +148,6 @@ def create_collection(
         raise ValueError(f"overlap must be in 0..{chunk_tokens - 1}, got {overlap}")
     if not (2 <= hnsw_m <= 100 and 4 <= hnsw_ef_construction <= 1000):
         raise ValueError("hnsw_m must be in 2..100 and hnsw_ef_construction in 4..1000")
-    opclass = DISTANCES[distance][1]
     with conn.transaction():
         if get_collection(conn, name, missing_ok=True) is not None:
             raise ValueError(f"collection {name!r} already exists")
@@ -181,32 +180,9 @@ def create_collection(
         except psycopg.errors.UniqueViolation as exc:  # created concurrently since the check above
             raise ValueError(f"collection {name!r} already exists") from exc
         assert row is not None
-        table = sql.Identifier("longembed", f"chunks_{row[0]}")
-        conn.execute(
-            sql.SQL(
-                """CREATE TABLE {table} (
-                       document_id bigint NOT NULL REFERENCES longembed.documents (id) ON DELETE CASCADE,
-                       ordinal     integer NOT NULL,
-                       char_start  integer NOT NULL,
-                       char_end    integer NOT NULL,
-                       n_tokens    integer NOT NULL,
-                       truncated   boolean NOT NULL DEFAULT false,
-                       embedding   vector({dim}) NOT NULL,
-                       PRIMARY KEY (document_id, ordinal))"""
-            ).format(table=table, dim=sql.Literal(info.dim))
-        )
-        conn.execute(
-            sql.SQL(
-                "CREATE INDEX {index} ON {table} USING hnsw (embedding {opclass}) "
-                "WITH (m = {m}, ef_construction = {efc})"
-            ).format(
-                index=sql.Identifier(f"chunks_{row[0]}_embedding_idx"),
-                table=table,
-                opclass=sql.Identifier(opclass),
-                m=sql.Literal(hnsw_m),
-                efc=sql.Literal(hnsw_ef_construction),
-            )
-        )
+        # The owner of schema longembed makes the table (SECURITY DEFINER, 030_collection_tables.sql):
+        # writers need no CREATE on the schema.
+        conn.execute("SELECT longembed.create_chunk_table(%s)", (row[0],))
     return get_collection(conn, name)
 
 
@@ -275,8 +251,8 @@ def drop_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = F
             (collection.id,),
         ).fetchall():
             _drop_triggers(conn, table_oid, collection.id)
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection.chunk_table))
-        conn.execute("DELETE FROM longembed.collections WHERE id = %s", (collection.id,))
+        # The chunk table belongs to the schema's owner: it drops the table and the row for us.
+        conn.execute("SELECT longembed.delete_collection(%s)", (collection.id,))
     return True
 
 
