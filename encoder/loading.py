@@ -22,7 +22,7 @@ from longembed.encoder.files import ModelLoadError, read_json_object
 
 # The registry: each name is a file in encoder/ that ends with `ARCHITECTURE = Architecture(...)`.
 # For one model_type, the first architecture whose `claims` accepts config.json wins.
-ARCHITECTURE_MODULES = ("bert", "jina_bert")
+ARCHITECTURE_MODULES = ("bert", "jina_bert", "nomic_bert")
 ARCHITECTURES: tuple[Architecture, ...] = tuple(
     importlib.import_module(f"longembed.encoder.{name}").ARCHITECTURE for name in ARCHITECTURE_MODULES
 )

@@ -48,6 +48,7 @@ class ModelInfo:
     revision: str
     device: str
     dtype: str
+    matryoshka_dims: tuple[int, ...] = ()  # sizes profiles.truncate_dim may cut vectors to
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class EmbeddingModel:
             revision=loaded.revision,
             device=str(device),
             dtype=DTYPE_NAMES[dtype],
+            matryoshka_dims=profile.matryoshka_dims,
         )
         self._prefix_ids: dict[str, list[int]] = {}
 
