@@ -448,3 +448,41 @@ def test_model_info_carries_matryoshka_dims(tmp_path, checkpoints):
         model.embed(["x"], kind="query"), model.embed(["search_query: x"], instruction=""), atol=1e-5
     )
     assert load_model(nomic, device="cpu").info.matryoshka_dims == ()
+
+
+@pytest.mark.slow
+def test_8192_tokens_run_on_cpu_with_bounded_memory(tmp_path):
+    """As for JinaBERT: one full-context document in a fresh process; the rotary tables are (T, d/2)
+    and attention never holds a (heads, n, n) matrix, so the peak stays far below 1 GiB."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.test_jina_bert import EMBED_8192, REPO
+
+    config = nomic_config(4, 64, layers=1, rotary_scaling_factor=2)
+    write_folder(tmp_path, config, random_state(config, seed=5))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(EMBED_8192), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["n_tokens"] == 8190 and not result["truncated"]
+    assert result["finite"] and abs(result["norm"] - 1.0) < 1e-5
+    assert result["short_diff"] <= 1e-5
+    assert result["extra_peak_mib"] < 1024, result
+
+
+def test_bf16_runs_close_to_fp32(checkpoints):
+    """bf16 weights and activations; rotary angles and rotation stay fp32 (positions up to 8191)."""
+    nomic, _, _, _ = checkpoints[4]
+    full = load_model(nomic, device="cpu").embed(TEXTS)
+    half = load_model(nomic, device="cpu", dtype="bf16").embed(TEXTS)
+    assert half.dtype == np.float32
+    assert (full * half).sum(axis=1).min() > 0.99  # cosine similarity per text
