@@ -90,13 +90,6 @@ def rotary_tables(
     return angles.cos(), angles.sin()
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary on (T, heads, dim): pairs (i, i + dim/2) turn by the angle of frequency i (GPT-NeoX)."""
-    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
-    c, s = cos[:, None], sin[:, None]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, config: NomicBertConfig) -> None:
         super().__init__()
@@ -109,8 +102,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         total, hidden = x.shape
         head_dim = hidden // self.heads
-        q, k, v = self.qkv(x).view(total, 3, self.heads, head_dim).unbind(1)  # 3 x (T, nh, hd)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qkv = self.qkv(x).view(total, 3, self.heads, head_dim)
+        triton_kernels.rotary_qk_(qkv, cos, sin)  # q and k in place (GPT-NeoX halves)
+        q, k, v = qkv.unbind(1)  # 3 x (T, nh, hd)
         ctx = triton_kernels.attention(q, k, v, cu_seqlens, max_seqlen, None, scale=1.0 / math.sqrt(head_dim))
         return self.out(ctx.reshape(total, hidden))
 

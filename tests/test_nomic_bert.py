@@ -486,3 +486,24 @@ def test_bf16_runs_close_to_fp32(checkpoints):
     half = load_model(nomic, device="cpu", dtype="bf16").embed(TEXTS)
     assert half.dtype == np.float32
     assert (full * half).sum(axis=1).min() > 0.99  # cosine similarity per text
+
+
+def test_triton_kernels_in_the_interpreter_match_torch_and_reference(tmp_path, monkeypatch):
+    """The GPU path on CPU: rotary, plain (alibi_slopes=None) varlen attention and pooling kernels run
+    in Triton's interpreter (fp32), through the same dispatcher the encoder uses on CUDA."""
+    pytest.importorskip("triton")
+    config = nomic_config(2, 64, rotary_scaling_factor=2, max_trained_positions=32, n_positions=512)
+    state = random_state(config, seed=11)
+    folder = write_folder(tmp_path / "nomic-kernels", config, state)  # head_dim 32: a kernel size
+    texts = ["", "a", "Rotary positions restart in every packed sequence. " * 6]
+    model = load_model(folder, device="cpu")
+    monkeypatch.setenv("LONGEMBED_KERNELS", "torch")
+    with_torch = model.embed(texts)
+    monkeypatch.setenv("LONGEMBED_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with_triton = model.embed(texts)
+    assert np.abs(with_triton - with_torch).max() <= 1e-5
+    assert np.abs(with_triton - l2(reference_vectors(config, state, folder, texts))).max() <= 1e-5
+    monkeypatch.delenv("TRITON_INTERPRET")  # really routed through the kernels: they refuse CPU tensors
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        model.embed(["x"])

@@ -111,6 +111,16 @@ def mean_pool_normalize_torch(hidden: torch.Tensor, spans: torch.Tensor) -> torc
     return F.normalize(sums / length[:, None].to(torch.float64), p=2.0, dim=-1).to(torch.float32)
 
 
+def rotary_qk_torch_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate q = qkv[:, 0] and k = qkv[:, 1] of a (T, 3, heads, head_dim) projection in place: the pair
+    (i, i + head_dim / 2) turns by the angle whose cos/sin are column i of the (T, head_dim / 2) tables
+    (GPT-NeoX halves, as Nomic's and transformers' rotate_half). Computed in fp32 (fp64 for fp64)."""
+    qk = qkv[:, :2]  # (T, 2, heads, head_dim) view
+    x1, x2 = qk.to(torch.promote_types(qkv.dtype, torch.float32)).chunk(2, dim=-1)
+    c, s = cos[:, None, None], sin[:, None, None]
+    qk.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1))
+
+
 def segment_spans(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """cu_seqlens (n + 1,) -> (n, 2) spans covering each whole sequence."""
     return torch.stack((cu_seqlens[:-1], cu_seqlens[1:]), dim=1)
