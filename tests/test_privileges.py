@@ -40,10 +40,13 @@ class FourDims:
     """A collection's model description (no model runs: the tests write and search vectors themselves)."""
 
     name: str = "four-dims"
+    source: str = "four-dims"
     revision: str = "r1"
     dim: int = 4
     max_tokens: int = 256
     architecture: str = "none"
+    pooling: str = "mean"
+    prefixes = {"query": "", "document": ""}  # noqa: RUF012 (read only)
 
 
 @pytest.fixture(scope="module")
