@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -116,3 +118,22 @@ def test_serve_subprocess_on_a_unix_socket(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_model_a_collection_uses_is_loaded_on_demand(dsn, tmp_path):
+    model = get_model()
+    folder = tmp_path / "minilm-on-demand"
+    shutil.copytree(model._m.folder, folder)
+    with connect(dsn) as conn:  # a collection recorded with the folder as its model's name
+        create_collection(conn, "on_demand", dataclasses.replace(model.info, name=str(folder)))
+    with running_host(HostConfig(dsn=dsn, worker=False)) as running:
+        assert [m.info.name for m in running.host.models()] == [model.info.name]
+        r = httpx.post(
+            f"{running.url}/v1/embeddings", json={"input": "loaded for a collection", "model": str(folder)}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "minilm-on-demand"
+        got = np.asarray(r.json()["data"][0]["embedding"])
+        assert np.abs(got - model.embed(["loaded for a collection"])[0]).max() < 1e-5
+        names = [entry["id"] for entry in httpx.get(f"{running.url}/v1/models").json()["data"]]
+        assert names == [model.info.name, "minilm-on-demand"]
