@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from longembed.plugin.settings import settings
+
 SYSTEM_PYTHON = "/usr/bin/python3"
 # sid carried postgresql-18 at the bundled minor version; testing is the fallback once sid moves on.
 SOURCE_SUITES = ("sid", "testing")
@@ -53,11 +55,7 @@ class PlpythonSetupError(RuntimeError):
 
 
 def cache_root() -> Path:
-    if os.environ.get("LONGEMBED_CACHE"):
-        return Path(os.environ["LONGEMBED_CACHE"]).expanduser().absolute()
-    if os.geteuid() == 0:
-        return Path("/var/cache/longembed")
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longembed"
+    return settings().cache
 
 
 def _pg_config(pginstall: Path, flag: str) -> str:
