@@ -335,7 +335,7 @@ def test_cli_up_status_dsn_psql_down(home, monkeypatch, capsys):
     code, out, _ = cli("status")
     assert code == 3 and "not set up" in out
     code, _, err = cli("dsn")
-    assert code == 2 and "longembed up" in err
+    assert code == 1 and err.startswith("longembed: error: ") and "longembed up" in err
 
     code, out, _ = cli("up")
     assert code == 0 and "started PostgreSQL on 127.0.0.1:" in out

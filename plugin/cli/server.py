@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable
 
+from longembed.plugin.cli import errors, options
 from longembed.plugin.embedded.server import EmbeddedServer, ServerError, bundled_pginstall, resolve_dsn
-
-EXIT_ERROR = 2
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -20,50 +17,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--port", type=int, help="TCP port on 127.0.0.1 (default: $LONGEMBED_PORT, else the last one)"
     )
-    p.set_defaults(run=_guard(_cmd_up))
+    p.set_defaults(run=_cmd_up)
 
     p = sub.add_parser("down", help="stop the embedded server (fast shutdown)")
-    p.set_defaults(run=_guard(_cmd_down))
+    p.set_defaults(run=_cmd_down)
 
     p = sub.add_parser("status", help="is the embedded server running; where it lives")
     p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.set_defaults(run=_guard(_cmd_status))
+    p.set_defaults(run=_cmd_status)
 
     p = sub.add_parser("dsn", help="print the connection URI of the embedded server (with its password)")
     p.add_argument("--no-password", action="store_true", help="leave the password out")
-    p.set_defaults(run=_guard(_cmd_dsn))
+    p.set_defaults(run=_cmd_dsn)
 
     p = sub.add_parser("psql", help="open psql on the database (embedded server, --dsn or $LONGEMBED_DSN)")
-    p.add_argument(
-        "--dsn", help="PostgreSQL connection string (default: $LONGEMBED_DSN, else the embedded server)"
-    )
+    options.dsn(p)
     p.add_argument("-c", "--command", action="append", help="run this SQL and exit (repeatable)")
     p.add_argument("-f", "--file", help="run the SQL in this file and exit")
     p.add_argument("psql_args", nargs=argparse.REMAINDER, help="after --: more psql arguments")
-    p.set_defaults(run=_guard(_cmd_psql))
+    p.set_defaults(run=_cmd_psql)
 
     p = sub.add_parser(
         "setup-plpython",
         help="build PL/Python (plpython3u) for the embedded server, needed by the SQL embed() (once, cached)",
     )
     p.add_argument("--force", action="store_true", help="rebuild even when a build is cached")
-    p.set_defaults(run=_guard(_cmd_setup_plpython))
-
-
-def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Expected failures: one line on stderr, exit status 2, no traceback."""
-
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        from longembed.plugin.embedded.plpython import PlpythonSetupError
-
-        try:
-            return fn(args)
-        except (ServerError, PlpythonSetupError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_ERROR
-
-    return run
+    p.set_defaults(run=_cmd_setup_plpython)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -116,7 +95,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     plpython = plpython.installed_dir(bundled_pginstall())  # a copy would have the same version
     if args.json:
         print(json.dumps(status.as_dict() | {"plpython": str(plpython) if plpython else None}, indent=2))
-        return 0 if status.running else 3
+        return errors.OK if status.running else errors.NOT_RUNNING
     if status.running:
         print(
             f"running: pid {status.pid}, 127.0.0.1:{status.port}, "
@@ -127,7 +106,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"not set up ({status.home}); start it with `longembed up`")
     print(f"PL/Python: {plpython}" if plpython else "PL/Python: not built (`longembed setup-plpython`)")
-    return 0 if status.running else 3
+    return errors.OK if status.running else errors.NOT_RUNNING
 
 
 def _cmd_dsn(args: argparse.Namespace) -> int:
