@@ -10,8 +10,10 @@ Two kinds of SQL file ship inside the `migrations` package (so they travel with 
   needs (plpython3u for the SQL embed()); the file is skipped with a notice where the server lacks one.
 
 Every transaction first takes one advisory lock, so concurrent migrate runs (two processes starting at
-once) queue up instead of racing; the second finds everything applied. Nothing outside schema
-`longembed` is touched apart from `CREATE EXTENSION vector` (and the extensions a function file requires).
+once) queue up instead of racing; the second finds everything applied. Outside schema `longembed` it
+runs `CREATE EXTENSION vector` (and the extensions a function file requires), and the function files
+create the `public.embed()` / `public.search()` wrappers (migrations/functions/020_embed.sql), unless
+`public` is missing or already has a function of that name that is not ours.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 -- through PYTHONPATH, which `longembed up` sets from the interpreter that runs it.
 --
 -- STABLE: `ORDER BY embedding <=> embed('...') LIMIT k` then evaluates embed() once and walks the HNSW
--- index; a VOLATILE function would be called per row with a sequential scan (ENVIRONMENT.md).
+-- index; a VOLATILE function would be called per row with a sequential scan (tests/test_sql_functions.py checks the plan).
 -- PARALLEL RESTRICTED, not SAFE: each parallel worker is a fresh process that would load the model (about
 -- 2 s) for a value the leader computes once.
 -- search_path is pinned; the bodies name every object with its schema. NULL in, NULL out (STRICT).

