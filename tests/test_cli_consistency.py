@@ -179,3 +179,36 @@ def test_policy_keeps_foreign_tracebacks_and_summarises_ours(capsys):
         errors.run_command(command(lambda: np.arange(2).reshape(3)))
     assert errors.run_command(command(lambda: validate_name("bad name!"))) == errors.USAGE
     assert capsys.readouterr().err.startswith("longembed: error: invalid collection name")
+
+
+def test_readme_lists_every_command_option_and_setting():
+    import argparse
+    import re
+    from pathlib import Path
+
+    from longembed.plugin.cli import build_parser
+    from longembed.plugin.settings import NAMES
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+
+    def commands(parser: argparse.ArgumentParser, prefix: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, f"{prefix} {name}".strip())
+        yield prefix, parser
+
+    missing = []
+    for name, parser in commands(build_parser(), ""):
+        if name and name not in readme:
+            missing.append(name)
+        for action in parser._actions:
+            names = [o for o in action.option_strings if o not in ("-h", "--help", "--dsn")]
+            if names and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", readme) for o in names):
+                missing.append(f"{name} {names[0]}")
+    assert not missing, missing
+    sources = [p for p in root.glob("*/**/*.py") if ".venv" not in p.parts]
+    used = set(re.findall(r"LONGEMBED_[A-Z_]+", " ".join(p.read_text() for p in sources)))
+    assert {n for n in NAMES if n.startswith("LONGEMBED_")} <= used
+    assert used <= set(re.findall(r"LONGEMBED_[A-Z_]+", readme)), used - set(readme.split())
