@@ -212,9 +212,9 @@ def _cmd_collection_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_collection_drop(args: argparse.Namespace) -> int:
-    from longembed.plugin.store.collections import drop_collection
+    from longembed.plugin.store.collections import drop_collection, validate_name
 
-    name = options.resolve_collection(args)
+    name = validate_name(options.resolve_collection(args))  # before connecting
     with _connect(args) as conn:
         dropped = drop_collection(conn, name, missing_ok=args.if_exists)
     print(f"dropped collection {name}" if dropped else f"no collection named {name}")
