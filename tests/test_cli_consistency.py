@@ -126,6 +126,14 @@ def test_ingest_model_other_than_the_collections_is_an_error(dsn, tmp_path, caps
     )
     assert code == errors.USAGE and "--model" in err and "dimension mismatch" in err
     assert "documents" not in out  # refused before anything was queued
+    code, out, err = run(
+        capsys, "ingest", str(tmp_path / "a.txt"), "-c", "mini", "--mode", "late", "--no-wait", "--dsn", dsn
+    )
+    assert code == errors.USAGE and "--mode late (it has chunk)" in err and "documents" not in out
+    code, out, err = run(
+        capsys, "ingest", str(tmp_path / "a.txt"), "-c", "mini", "--mode", "chunk", "--no-wait", "--dsn", dsn
+    )
+    assert code == 0 and "1 documents: 1 new" in out, err  # its own settings restated: fine
 
 
 def test_exit_codes_are_the_same_across_commands(dsn, tmp_path, capsys):

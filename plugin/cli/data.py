@@ -101,17 +101,41 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _collection_options(p: argparse.ArgumentParser) -> None:
+    # Absent unless given (SUPPRESS): create_collection's defaults apply, and `ingest` can tell a
+    # setting asked for an existing collection from one left out.
     g = p.add_argument_group("collection settings (when it is created)")
     options.model(g)
-    g.add_argument("--mode", choices=("full", "chunk", "late"), default="chunk")
-    g.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: what fits the model)")
-    g.add_argument("--overlap", type=int, default=32, help="tokens shared by neighbouring chunks")
-    g.add_argument("--distance", choices=("cosine", "l2", "ip"), default="cosine")
-    g.add_argument("--hnsw-m", type=int, default=16)
-    g.add_argument("--hnsw-ef-construction", type=int, default=64)
-    g.add_argument("--query-prefix", help="text put before queries (default: the model's)")
-    g.add_argument("--document-prefix", help="text put before documents (default: the model's)")
-    g.add_argument("--text-search-config", default="english", help="PostgreSQL text search configuration")
+    unset = argparse.SUPPRESS
+    g.add_argument("--mode", choices=("full", "chunk", "late"), default=unset, help="default: chunk")
+    g.add_argument("--chunk-tokens", type=int, default=unset, help="tokens per chunk (default: what fits)")
+    g.add_argument("--overlap", type=int, default=unset, help="tokens shared by neighbouring chunks (32)")
+    g.add_argument("--distance", choices=("cosine", "l2", "ip"), default=unset, help="default: cosine")
+    g.add_argument("--hnsw-m", type=int, default=unset, help="default: 16")
+    g.add_argument("--hnsw-ef-construction", type=int, default=unset, help="default: 64")
+    g.add_argument("--query-prefix", default=unset, help="text put before queries (default: the model's)")
+    g.add_argument(
+        "--document-prefix", default=unset, help="text put before documents (default: the model's)"
+    )
+    g.add_argument(
+        "--text-search-config", default=unset, help="PostgreSQL text search configuration (english)"
+    )
+
+
+COLLECTION_SETTINGS = (
+    "mode",
+    "chunk_tokens",
+    "overlap",
+    "distance",
+    "hnsw_m",
+    "hnsw_ef_construction",
+    "query_prefix",
+    "document_prefix",
+    "text_search_config",
+)
+
+
+def _given_settings(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in COLLECTION_SETTINGS if hasattr(args, name)}
 
 
 def _worker_options(p: argparse.ArgumentParser) -> None:
@@ -151,20 +175,7 @@ def _create_from_args(conn: psycopg.Connection, name: str, args: argparse.Namesp
     from longembed.plugin.models import get_model
     from longembed.plugin.store.collections import create_collection
 
-    return create_collection(
-        conn,
-        name,
-        get_model(args.model).info,
-        mode=args.mode,
-        chunk_tokens=args.chunk_tokens,
-        overlap=args.overlap,
-        query_prefix=args.query_prefix,
-        document_prefix=args.document_prefix,
-        distance=args.distance,
-        hnsw_m=args.hnsw_m,
-        hnsw_ef_construction=args.hnsw_ef_construction,
-        text_search_config=args.text_search_config,
-    )
+    return create_collection(conn, name, get_model(args.model).info, **_given_settings(args))
 
 
 def _cmd_collection_create(args: argparse.Namespace) -> int:
@@ -258,7 +269,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         if collection is None:
             collection = _create_from_args(conn, args.collection, args)
             print(f"created collection {collection.name} ({collection.model_name}, {collection.dim}-d)")
-        elif args.model is not None:
+        else:
+            _check_settings(collection, args)
+        if args.model is not None and collection.model_name != args.model:
             # --model names the collection's model; another one would embed into the wrong space.
             mismatch = incompatibility(collection, get_model(args.model).info)
             if mismatch:
@@ -302,6 +315,20 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print("nothing to ingest", file=sys.stderr)
         return errors.FAILURE
     return errors.OK
+
+
+def _check_settings(collection, args: argparse.Namespace) -> None:
+    """Settings given for an existing collection must be its own: they apply only when it is created."""
+    differ = [
+        f"--{name.replace('_', '-')} {value} (it has {getattr(collection, name)})"
+        for name, value in _given_settings(args).items()
+        if getattr(collection, name) != value
+    ]
+    if differ:
+        raise errors.UsageError(
+            f"collection {collection.name} exists; {', '.join(differ)}: settings apply only when a "
+            "collection is created (drop it, or ingest into a new one)"
+        )
 
 
 def _add(conn: psycopg.Connection, collection, batch: list, problems: list) -> Counter:
