@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="one line per (target, kernel, size)")
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes")
     args = parser.parse_args()
-    variants = aot.attention_variants() + aot.pooling_variants()
+    variants = aot.attention_variants() + aot.pooling_variants() + aot.rotary_variants()
     start = time.perf_counter()
     usages = aot.compile_all(variants, args.workers)
     elapsed = time.perf_counter() - start

@@ -16,14 +16,13 @@ from tqdm import tqdm
 
 from longembed import triton_kernels
 from longembed.encoder.batching import Sequence, pack, plan_batches
-from longembed.encoder.chunking import MODES, char_span, windows
+from longembed.encoder.chunking import char_span, check_mode, default_chunk_tokens, windows
 from longembed.encoder.loading import LoadedModel, load
 from longembed.encoder.profiles import KINDS, profile_for
 
 # Full mode tokenises a long text's head only: this many characters per token to keep is far more than
 # any BERT-family vocabulary needs (English averages 4-5), and a too-short head falls back to all of it.
 HEAD_CHARS_PER_TOKEN = 16
-DEFAULT_CHUNK_TOKENS = 512  # capped further by what fits in the model's window
 # Token budget per packed batch: CPU matmuls run best on cache-sized batches, GPUs want big ones.
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 DTYPES = {
@@ -48,6 +47,8 @@ class ModelInfo:
     revision: str
     device: str
     dtype: str
+    source: str  # loads this model again from anywhere: hub id or absolute folder (loading.py)
+    matryoshka_dims: tuple[int, ...] = ()  # sizes it may be truncated to (see profiles.Profile)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,28 @@ class Chunk:
     n_tokens: int  # content tokens of this chunk, without special tokens and prefix
     vector: np.ndarray = field(repr=False)
     truncated: bool = False  # "full" mode: the text did not fit in max_tokens
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Texts laid out as model sequences (`EmbeddingModel.prepare`): run the sequences anywhere, then
+    `assemble` their vectors into chunks."""
+
+    sequences: list[Sequence]  # `outputs` index rows of the (n_out, dim) result
+    layout: list[list[tuple[int, int, int, bool]]]  # per text, per chunk: (start, end, n_tokens, truncated)
+    n_out: int
+    n_tokens: list[int]  # per text: tokens fed to the model, [CLS], [SEP] and prefix included
+
+    def assemble(self, vectors: np.ndarray) -> list[list[Chunk]]:
+        """Per text, its chunks in order, from the (n_out, dim) vectors of `sequences`."""
+        result, k = [], 0
+        for spans in self.layout:
+            doc = []
+            for ordinal, (start, end, n_tokens, truncated) in enumerate(spans):
+                doc.append(Chunk(ordinal, start, end, n_tokens, vectors[k], truncated))
+                k += 1
+            result.append(doc)
+        return result
 
 
 class EmbeddingModel:
@@ -77,6 +100,8 @@ class EmbeddingModel:
             revision=loaded.revision,
             device=str(device),
             dtype=DTYPE_NAMES[dtype],
+            source=loaded.source,
+            matryoshka_dims=profile.matryoshka_dims,
         )
         self._prefix_ids: dict[str, list[int]] = {}
 
@@ -117,33 +142,46 @@ class EmbeddingModel:
         """Per text, its chunks in order: `full` one (maybe truncated), `chunk` token windows each
         embedded alone, `late` token windows pooled from one pass over the whole text.
 
-        chunk_tokens defaults to what fits in the model's window (at most 512 tokens)."""
+        chunk_tokens defaults to encoder.chunking.default_chunk_tokens: what fits in the model's
+        window next to the prefix, at most DEFAULT_CHUNK_TOKENS.
+        The same as `prepare` (tokenise) + `run_sequences` (model) + `Plan.assemble`; the model host
+        runs the middle step in its batcher, for sequences of many callers at once."""
+        plan = self.prepare(texts, mode, chunk_tokens, overlap, kind, instruction)
+        return plan.assemble(self.run_sequences(plan.sequences, plan.n_out, batch_tokens, progress))
+
+    def prepare(
+        self,
+        texts: Seq[str],
+        mode: str = "chunk",
+        chunk_tokens: int | None = None,
+        overlap: int = 32,
+        kind: str = "document",
+        instruction: str | None = None,
+    ) -> Plan:
+        """Tokenise and lay out `texts` as model sequences (no model call; safe from any thread)."""
         texts = _check_texts(texts)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode, self.info.pooling, self.info.name)
         prefix = self._prefix(kind, instruction)
         room = self.info.max_tokens - 2 - len(prefix)  # content tokens per sequence
         if room <= 0:
             raise ValueError(f"the prefix takes {len(prefix)} tokens: nothing fits in {self.info.max_tokens}")
         if chunk_tokens is None:
-            chunk_tokens = min(room, DEFAULT_CHUNK_TOKENS)
+            chunk_tokens = default_chunk_tokens(room)
         if mode != "full" and chunk_tokens > room:
             raise ValueError(
                 f"chunk_tokens {chunk_tokens} does not fit {self.info.name}: at most {room} content tokens "
                 f"({self.info.max_tokens} minus [CLS], [SEP] and {len(prefix)} prefix tokens)"
             )
-        if mode == "late" and self.info.pooling != "mean":
-            raise ValueError(
-                f"late chunking needs mean pooling; {self.info.name} pools with {self.info.pooling!r}"
-            )
         encodings = self._tokenize(texts, room if mode == "full" else None)
 
         sequences: list[Sequence] = []
         layout: list[list[tuple[int, int, int, bool]]] = []  # per text: (start, end, n_tokens, truncated)
+        fed: list[int] = []  # per text: tokens of its sequences, [CLS], [SEP] and prefix included
         n_out = 0
         for text, enc in zip(texts, encodings, strict=True):
             ids, offsets = enc.ids, enc.offsets
             spans: list[tuple[int, int, int, bool]] = []
+            first = len(sequences)
             if mode == "full":
                 kept = min(len(ids), room)
                 start, end = (0, len(text)) if kept == len(ids) else (0, offsets[kept - 1][1])
@@ -166,16 +204,42 @@ class EmbeddingModel:
                         spans.append((*char_span(offsets, a_abs, b_abs, len(text)), b - a, False))
                     n_out += len(local)
             layout.append(spans)
+            fed.append(sum(len(s.ids) for s in sequences[first:]))
+        return Plan(sequences, layout, n_out, fed)
 
-        vectors = self._run(sequences, n_out, batch_tokens, progress)
-        result, k = [], 0
-        for spans in layout:
-            doc = []
-            for ordinal, (start, end, n_tokens, truncated) in enumerate(spans):
-                doc.append(Chunk(ordinal, start, end, n_tokens, vectors[k], truncated))
-                k += 1
-            result.append(doc)
-        return result
+    @torch.inference_mode()
+    def run_sequences(
+        self,
+        sequences: list[Sequence],
+        n_out: int,
+        batch_tokens: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """(n_out, dim) float32: each sequence's pooled rows at its `outputs` indices, in token-budget
+        batches of `batch_tokens` (default: DEFAULT_BATCH_TOKENS for the device)."""
+        out = np.zeros((n_out, self.info.dim), dtype=np.float32)
+        if batch_tokens is None:
+            batch_tokens = DEFAULT_BATCH_TOKENS.get(self.device.type, 16384)
+        lengths = [len(s.ids) for s in sequences]
+        bar = tqdm(total=sum(lengths), unit="tok", unit_scale=True, disable=not progress, leave=False)
+        for batch_ids in plan_batches(lengths, batch_tokens):
+            batch = [sequences[i] for i in batch_ids]
+            out[[k for s in batch for k in s.outputs]] = self.forward_batch(batch)
+            bar.update(sum(lengths[i] for i in batch_ids))
+        bar.close()
+        return out
+
+    @torch.inference_mode()
+    def forward_batch(self, sequences: list[Sequence]) -> np.ndarray:
+        """One packed forward pass: float32 rows, one per pool span, in the order of the sequences and
+        their spans (their `outputs` indices are not used here)."""
+        batch = pack(sequences, self.device)
+        hidden = self.module(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        return triton_kernels.mean_pool_normalize(hidden, batch.pool_spans).float().cpu().numpy()
+
+    def room(self, kind: str = "document", instruction: str | None = None) -> int:
+        """Content tokens that fit in one sequence beside [CLS], [SEP] and the prefix."""
+        return self.info.max_tokens - 2 - len(self._prefix(kind, instruction))
 
     def count_tokens(self, texts: Seq[str]) -> list[int]:
         """Tokens per text, without special tokens or prefixes."""
@@ -229,22 +293,6 @@ class EmbeddingModel:
         else:  # mean over every token, special tokens included, as sentence-transformers does
             spans = [(0, len(ids))]
         return Sequence(ids, spans, outputs)
-
-    @torch.inference_mode()
-    def _run(self, sequences: list[Sequence], n_out: int, budget: int | None, progress: bool) -> np.ndarray:
-        out = np.zeros((n_out, self.info.dim), dtype=np.float32)
-        if budget is None:
-            budget = DEFAULT_BATCH_TOKENS.get(self.device.type, 16384)
-        lengths = [len(s.ids) for s in sequences]
-        bar = tqdm(total=sum(lengths), unit="tok", unit_scale=True, disable=not progress, leave=False)
-        for batch_ids in plan_batches(lengths, budget):
-            batch = pack([sequences[i] for i in batch_ids], self.device)
-            hidden = self.module(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-            pooled = triton_kernels.mean_pool_normalize(hidden, batch.pool_spans)
-            out[batch.outputs] = pooled.float().cpu().numpy()
-            bar.update(batch.n_tokens)
-        bar.close()
-        return out
 
 
 def _head(text: str, limit: int) -> str:

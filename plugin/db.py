@@ -39,6 +39,18 @@ def require_vector(conn: psycopg.Connection) -> None:
     """Fail clearly where the schema (and with it pgvector) is missing."""
     if not register_vector_if_installed(conn):
         raise RuntimeError("pgvector is not installed in this database: run `longembed migrate` first")
+    row = conn.execute(
+        "SELECT has_schema_privilege(oid, 'USAGE'), current_user "
+        "FROM pg_namespace WHERE nspname = 'longembed'"
+    ).fetchone()
+    if row is None:
+        raise RuntimeError("schema longembed is missing: run `longembed migrate` first")
+    if not row[0]:
+        raise RuntimeError(
+            f"role {row[1]} has no access to schema longembed: the owner grants it with "
+            f"GRANT longembed_reader (search) or longembed_writer (ingest) TO {row[1]}; "
+            "where those roles have no privileges yet, run `longembed migrate` as the owner"
+        )
     row = conn.execute("SELECT to_regclass('longembed.collections') IS NOT NULL").fetchone()
     if not row or not row[0]:
         raise RuntimeError("schema longembed is missing: run `longembed migrate` first")

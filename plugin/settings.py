@@ -6,7 +6,9 @@
 - `LONGEMBED_DSN`: use this PostgreSQL instead of the embedded server (`--dsn` wins);
 - `LONGEMBED_SERVICE_USER`: as root, the unprivileged user the server runs as; default `longembed`;
 - `LONGEMBED_CACHE`: the PL/Python build cache; default `$XDG_CACHE_HOME/longembed` (`~/.cache/longembed`),
-  for root `/var/cache/longembed`.
+  for root `/var/cache/longembed`;
+- `LONGEMBED_HTTP_PORT`: the HTTP port of the model host that `longembed up` starts; default 8080;
+- `LONGEMBED_API_KEYS`: API keys the model host accepts, comma-separated (beside `--api-key-file`).
 
 Read elsewhere, because the layers below the plugin do not import it: `LONGEMBED_KERNELS`
 (`auto|triton|torch`, triton_kernels/dispatch.py, read at every call so a process may switch),
@@ -30,12 +32,15 @@ NAMES = (
     "LONGEMBED_DSN",
     "LONGEMBED_SERVICE_USER",
     "LONGEMBED_CACHE",
+    "LONGEMBED_HTTP_PORT",
+    "LONGEMBED_API_KEYS",
     "XDG_DATA_HOME",
     "XDG_CACHE_HOME",
 )
 ROOT_HOME = Path("/var/lib/longembed")
 ROOT_CACHE = Path("/var/cache/longembed")
 DEFAULT_SERVICE_USER = "longembed"
+DEFAULT_HTTP_PORT = 8080
 
 
 class SettingsError(ValueError):
@@ -49,6 +54,8 @@ class Settings:
     dsn: str | None
     service_user: str
     cache: Path
+    http_port: int
+    api_keys: tuple[str, ...]
 
 
 def settings() -> Settings:
@@ -59,12 +66,15 @@ def settings() -> Settings:
 @functools.cache
 def _parse(values: tuple[str | None, ...], as_root: bool) -> Settings:
     env = dict(zip(NAMES, values, strict=True))
+    http_port = _port("LONGEMBED_HTTP_PORT", env["LONGEMBED_HTTP_PORT"], zero=True)
     return Settings(
         home=_home(env, as_root),
-        port=_port(env["LONGEMBED_PORT"]),
+        port=_port("LONGEMBED_PORT", env["LONGEMBED_PORT"]),
         dsn=env["LONGEMBED_DSN"],
         service_user=env["LONGEMBED_SERVICE_USER"] or DEFAULT_SERVICE_USER,
         cache=_cache(env, as_root),
+        http_port=DEFAULT_HTTP_PORT if http_port is None else http_port,
+        api_keys=tuple(k.strip() for k in (env["LONGEMBED_API_KEYS"] or "").split(",") if k.strip()),
     )
 
 
@@ -84,13 +94,14 @@ def _cache(env: dict[str, str | None], as_root: bool) -> Path:
     return Path(env["XDG_CACHE_HOME"] or Path.home() / ".cache") / "longembed"
 
 
-def _port(value: str | None) -> int | None:
+def _port(name: str, value: str | None, *, zero: bool = False) -> int | None:
+    """A TCP port; `zero`: 0 is allowed (no TCP listener)."""
     if value is None:
         return None
     try:
         port = int(value)
     except ValueError:
-        raise SettingsError(f"LONGEMBED_PORT must be a number, got {value!r}") from None
-    if not 1 <= port <= 65535:
-        raise SettingsError(f"LONGEMBED_PORT must be in 1..65535, got {port}")
+        raise SettingsError(f"{name} must be a number, got {value!r}") from None
+    if not (0 if zero else 1) <= port <= 65535:
+        raise SettingsError(f"{name} must be in {0 if zero else 1}..65535, got {port}")
     return port

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -48,6 +50,28 @@ def test_quickstart_ingests_searches_and_is_rerunnable(own_home, tmp_path, capsy
     assert "3 documents: 3 new" in out
     assert "longembed.search('qs'" in out  # the SQL to try, PL/Python being built by the test command
     assert (own_home / "pg").is_dir() and oct(own_home.stat().st_mode & 0o777) == "0o700"
+
+    # The SQL it prints works as printed, from psql: the backends ask the model host that `up` started
+    # (as root the server's OS user could never read this checkout or its venv; it does not need to).
+    printed = out[out.index("Try it in SQL") :].splitlines()
+    statement = " ".join(line.strip() for line in printed[1:4])
+    assert statement.startswith("SELECT external_id") and statement.endswith(";")
+    result = subprocess.run(
+        [sys.executable, "-m", "longembed.plugin.cli", "psql", "-c", statement],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(3 rows)" in result.stdout and "passwords.md" in result.stdout, result.stdout
+    distance = next(line.strip() for line in printed if "cosine_distance" in line)
+    result = subprocess.run(
+        [sys.executable, "-m", "longembed.plugin.cli", "psql", "-c", distance],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "(1 row)" in result.stdout, result.stderr
 
     assert main(argv) == 0  # again: same server, nothing re-embedded
     assert "3 unchanged" in capsys.readouterr().out

@@ -30,10 +30,12 @@ DIM = 384
 @dataclasses.dataclass(frozen=True)
 class RandomVectors:
     name: str = "random-unit-vectors"
+    source: str = "random-unit-vectors"
     revision: str = "seed-0"
     dim: int = DIM
     max_tokens: int = 256
-    architecture: str = "none"
+    pooling: str = "mean"
+    prefixes: dict = dataclasses.field(default_factory=lambda: {"query": "", "document": ""})
 
 
 @pytest.fixture(scope="module")

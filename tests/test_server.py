@@ -33,7 +33,6 @@ from longembed.plugin.embedded.server import (
     ServerError,
     bundled_pginstall,
     resolve_dsn,
-    server_python_path,
 )
 from longembed.plugin.settings import SettingsError
 
@@ -224,7 +223,7 @@ def test_private_directories_and_files(home):
     server.start()
     for folder in (home, home / "pg", home / "run", home / "log"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
-    for private in (home / "password", home / "server.json"):
+    for private in (home / "password", home / "app-password", home / "server.json"):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
     owner = pwd.getpwuid((home / "pg").stat().st_uid).pw_name
     assert owner == server.run_as
@@ -249,7 +248,7 @@ def _snapshot(paths: list[Path]) -> dict[str, tuple[int, int, int]]:
 def test_no_permission_change_outside_our_directories(home):
     pginstall = bundled_pginstall()
     watched = set(_parents(home))
-    for path in [pginstall, pginstall / "bin", *[Path(p) for p in server_python_path()]]:
+    for path in [pginstall, pginstall / "bin", *[Path(p) for p in sys.path if p.endswith("-packages")]]:
         watched.update([path, *_parents(path)])
     ordered = sorted(watched)
     before = _snapshot(ordered)
@@ -362,8 +361,16 @@ def test_cli_up_status_dsn_psql_down(home, monkeypatch, capsys):
 @pytest.mark.skipif(not AS_ROOT, reason="as a non-root user every other test here already runs this path")
 def test_runs_as_a_plain_user_too(home):
     """The non-root path (no runuser, no service user): run by the service user itself, with the system
-    Python and this project's packages on PYTHONPATH (the venv's interpreter lives under /root)."""
+    Python and this project's packages (where that user can read them: a checkout under a 0700 folder
+    is closed to it, and nothing here opens it)."""
     service = EmbeddedServer(home).service_user
+    EmbeddedServer(home).ensure_service_user()
+    packages = sorted(
+        {str(Path(p).resolve()) for p in sys.path if p.endswith("-packages") and Path(p).is_dir()}
+    )
+    readable = ["test", "-r", __file__, *[arg for p in packages for arg in ("-a", "-r", p, "-a", "-x", p)]]
+    if subprocess.run(["runuser", "-u", service, "--", *readable], capture_output=True).returncode:
+        pytest.skip(f"user {service} cannot read this checkout or its virtual environment")
     code = (
         "import site, sys\n"
         "for entry in [p for p in sys.path if p.endswith('-packages')]:\n"
@@ -380,7 +387,7 @@ def test_runs_as_a_plain_user_too(home):
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": "/tmp",
-        "PYTHONPATH": os.pathsep.join(server_python_path()),
+        "PYTHONPATH": os.pathsep.join(packages),
     }
     result = subprocess.run(
         ["runuser", "-u", service, "--", "/usr/bin/python3", "-c", code, str(home), service],
@@ -419,10 +426,13 @@ def test_resolve_dsn_order(home, monkeypatch):
         resolve_dsn(argparse.Namespace(dsn=None))
     server = EmbeddedServer(home, durable=False)
     server.start()
-    assert resolve_dsn(argparse.Namespace(dsn=None)) == server.dsn()
-    assert resolve_dsn(None) == server.dsn()
+    # The application role for the data commands, the superuser for migrate (admin=True).
+    assert resolve_dsn(argparse.Namespace(dsn=None)) == server.app_dsn() != server.dsn()
+    assert resolve_dsn(None) == server.app_dsn()
+    assert resolve_dsn(None, admin=True) == server.dsn()
     monkeypatch.setenv("LONGEMBED_DSN", "postgresql://elsewhere/db")
     assert resolve_dsn(argparse.Namespace(dsn=None)) == "postgresql://elsewhere/db"
+    assert resolve_dsn(argparse.Namespace(dsn=None), admin=True) == "postgresql://elsewhere/db"
     assert resolve_dsn(argparse.Namespace(dsn="host=explicit")) == "host=explicit"
 
 

@@ -1,11 +1,17 @@
-"""SQL embed() / search() (PL/Python, migrations/functions/020_embed.sql) on the session's real server.
+"""SQL embed() / search() (migrations/functions/020_embed.sql) on the session's real server.
 
 The server is the embedded one with plpython3u from `longembed setup-plpython` (the test command runs
-it first); the vectors come from the real MiniLM weights inside the backend and are compared with the
-same model run here in Python.
+it first); the backends send the texts to the model host (fixture `model_host`, the real
+`longembed serve` with the real MiniLM weights, supervised as `longembed up` runs it), and the vectors
+are compared with the same model run here in Python.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import psycopg
@@ -20,6 +26,8 @@ from longembed.plugin.store.collections import create_collection
 from longembed.plugin.store.documents import Document, add_documents
 from longembed.plugin.store.search import search
 from tests.pgdb import fresh_database
+
+pytestmark = pytest.mark.usefixtures("model_host")
 
 HOSTILE = [
     "'); DROP TABLE longembed.collections; --",
@@ -103,10 +111,10 @@ def test_null_empty_and_huge_inputs(conn, model):
     assert conn.execute("SELECT embed(NULL::text)").fetchone()[0] is None
     assert conn.execute("SELECT embed('x', NULL)").fetchone()[0] is None
     assert conn.execute("SELECT embed(NULL::text[])").fetchone()[0] is None
-    # An empty text embeds as [CLS][SEP], like the encoder's.
-    np.testing.assert_allclose(
-        _vector(conn, "SELECT embed('')"), model.embed([""], kind="query")[0], atol=1e-5
-    )
+    # Blank text is refused, as by search(): nothing to embed.
+    for blank in ("", "   ", "\t\n"):
+        with pytest.raises(errors.DataException, match="empty"):
+            conn.execute("SELECT embed(%s)", (blank,))
     # 1 MB of text: truncated to the model's window, the same vector as Python's, the backend survives.
     huge = "the quick brown fox jumps over the lazy dog " * 23000
     got = _vector(conn, "SELECT embed(%s, 'document')", (huge,))
@@ -133,15 +141,48 @@ def test_hostile_texts_embed_as_plain_text(conn, model):
 
 
 def test_unknown_model_setting_is_a_clear_error(conn, model):
-    with conn.transaction():
-        conn.execute("SET LOCAL longembed.model = '/nonexistent/model; DROP TABLE x'")
-        missing = pytest.raises(errors.UndefinedObject, match="cannot load model /nonexistent/model")
-        with missing, conn.transaction():
-            conn.execute("SELECT embed('text')")
-    # RESET (outside the transaction): back to the bundled model.
+    """A session may SET longembed.model, but the host serves only its own models and those a
+    collection uses: nobody makes it load an arbitrary path."""
+    for name in ("/nonexistent/model; DROP TABLE x", "/etc"):
+        with conn.transaction():
+            conn.execute("SELECT set_config('longembed.model', %s, true)", (name,))
+            with pytest.raises(errors.UndefinedObject, match="model") as caught, conn.transaction():
+                conn.execute("SELECT embed('text')")
+            assert "not served here" in (caught.value.diag.message_primary or "")
+    # The setting was local to the transaction: back to the host's default model.
     np.testing.assert_allclose(
         _vector(conn, "SELECT embed('text')"), model.embed(["text"], kind="query")[0], atol=1e-5
     )
+
+
+def test_a_session_cannot_point_the_backend_at_another_host(conn, model):
+    """Only the server's configuration names the host (a SET would send the texts, and with HTTP the
+    key, wherever a session likes)."""
+    with conn.transaction():
+        conn.execute("SET LOCAL longembed.host = 'http://127.0.0.1:9'")
+        got = _vector(conn, "SELECT embed('redirected?')")
+    np.testing.assert_allclose(got, model.embed(["redirected?"], kind="query")[0], atol=1e-5)
+
+
+def test_no_model_and_no_longembed_code_in_the_backend(dsn):
+    """A fresh connection's first embed() asks the host: the backend imports neither torch nor longembed
+    and stays small (a model per backend cost ~400 MiB and ~2 s)."""
+    with psycopg.connect(dsn, autocommit=True) as fresh:
+        pid = fresh.execute("SELECT pg_backend_pid()").fetchone()[0]
+        fresh.execute("SELECT embed('warm the interpreter up')")
+        rss_kib = _rss_kib(pid)
+        fresh.execute(
+            """CREATE FUNCTION pg_temp.loaded() RETURNS text[] LANGUAGE plpython3u AS
+               'import sys; return sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "longembed",
+                "numpy", "tokenizers"))'"""
+        )
+        assert fresh.execute("SELECT pg_temp.loaded()").fetchone()[0] == []
+        assert rss_kib < 100 * 1024, f"backend resident {rss_kib} KiB after embed()"
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def test_declared_stable_strict_and_search_path_pinned(conn):
@@ -199,30 +240,41 @@ def test_prepared_statement_keeps_the_index_after_the_generic_plan_kicks_in(conn
         conn.execute("DEALLOCATE nearest")
 
 
-def test_the_model_runs_once_per_query_text(conn, vectors_table):
+def test_the_model_runs_once_per_query_text(conn, vectors_table, model_host):
     """STABLE: one call for the index scan key, plus one per returned row (the ORDER BY value), which the
-    backend's cache answers; a filter on a sequential scan calls it per row, also from the cache."""
-    conn.execute(
-        """CREATE FUNCTION pg_temp.texts_embedded() RETURNS bigint LANGUAGE plpython3u AS
-           'from longembed.plugin import sql_functions; return sql_functions.texts_embedded'"""
-    )
-    conn.execute("SET track_functions = 'pl'")
+    backend's cache answers; a filter on a sequential scan calls it per row, also from the cache: the host
+    sees each text once."""
+    conn.execute("SET track_functions = 'all'")
     try:
-        before = conn.execute("SELECT pg_temp.texts_embedded()").fetchone()[0]
+        before = _host_inputs(model_host)
         top = conn.execute(
             "SELECT id FROM items ORDER BY v <=> embed('only once, please') LIMIT 10"
         ).fetchall()
         assert len(top) == 10
         conn.execute("SELECT count(*) FROM items WHERE v <=> embed('per row, cached') < 2").fetchone()
-        assert conn.execute("SELECT pg_temp.texts_embedded()").fetchone()[0] - before == 2
+        assert _host_inputs(model_host) - before == 2
         conn.execute("SELECT pg_stat_force_next_flush()")
         (calls,) = conn.execute(
             """SELECT calls FROM pg_stat_user_functions
-               WHERE funcid = 'longembed.embed(text,text)'::regprocedure"""
+               WHERE funcid = 'longembed.host_embed(text[],text,text,text,integer,text)'::regprocedure"""
         ).fetchone()
         assert calls >= 11 + len(vectors_table)  # 1 + 10 rows, then once per row of the filter
     finally:
         conn.execute("RESET track_functions")
+
+
+def _host_inputs(host) -> float:
+    """Texts the host has embedded for HTTP/SQL callers (its Prometheus counter)."""
+    status, text = host.health("/metrics")
+    assert status == 200
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(HOST_INPUTS_METRIC) and not line.startswith("#")
+    )
+
+
+HOST_INPUTS_METRIC = "longembed_embedding_inputs_total"
 
 
 CORPUS = {
@@ -307,24 +359,49 @@ def test_user_functions_in_public_are_left_alone(pg_dsn):
         assert conn.execute("SELECT public.embed('hello', 'query')").fetchone() == ("mine",)
 
 
-def test_only_superusers_choose_arbitrary_models(conn, model, collection):
-    """Any session may SET longembed.model; a plain role may only name a model a collection uses."""
-    role = "le_plain_" + collection
-    conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA longembed TO {}").format(sql.Identifier(role)))
-    conn.execute(sql.SQL("GRANT SELECT ON longembed.collections TO {}").format(sql.Identifier(role)))
-    try:
-        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
-        conn.execute("SET longembed.model = '/etc'")
-        with pytest.raises(errors.InsufficientPrivilege, match="only a superuser may load model '/etc'"):
-            conn.execute("SELECT embed('text')")
-        conn.execute("SELECT set_config('longembed.model', %s, false)", (model.info.name,))  # a collection's
-        want = model.embed(["text"], kind="query")[0]
-        np.testing.assert_allclose(_vector(conn, "SELECT embed('text')"), want, atol=1e-5)
-        conn.execute("RESET longembed.model")
-        np.testing.assert_allclose(_vector(conn, "SELECT embed('text')"), want, atol=1e-5)
-    finally:
-        conn.execute("RESET ROLE")
-        conn.execute("RESET longembed.model")
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+def test_sql_calls_fail_clearly_while_the_host_is_down_and_work_when_it_is_back(dsn, model_host, model):
+    """SIGKILL the host while backends wait on it: those calls fail with a clear error (not a hang, not a
+    crash of the backend), their transactions roll back and lose nothing else, the supervisor starts the
+    host again and the next call works."""
+    supervisor = model_host.running_pid()
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
+        (serve_pid,) = (int(pid) for pid in f.read().split())
+    texts = [f"document number {i}: " + "words about many things " * 40 for i in range(600)]
+    outcomes: list[object] = []
+
+    def call() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            try:
+                with c.transaction():
+                    c.execute("CREATE TEMP TABLE kept (n int)")
+                    c.execute("INSERT INTO kept VALUES (1)")
+                    c.execute("SELECT embed(%s::text[], 'document')", (texts,))
+                outcomes.append("done")
+            except psycopg.Error as exc:
+                outcomes.append(exc)
+            assert c.execute("SELECT 1").fetchone() == (1,)  # the session survives
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    os.kill(serve_pid, signal.SIGKILL)
+    for thread in threads:
+        thread.join(60)
+    failures = [o for o in outcomes if o != "done"]
+    assert len(outcomes) == 3 and failures, outcomes
+    for exc in failures:
+        assert isinstance(exc, errors.ConnectionFailure), exc
+        assert "model host" in str(exc) and "longembed up" in (exc.diag.message_hint or ""), exc
+
+    deadline = time.monotonic() + 90
+    with connect(dsn) as c:
+        while True:
+            try:
+                got = _vector(c, "SELECT embed('back again')")
+                break
+            except errors.ConnectionFailure:
+                assert time.monotonic() < deadline, "the host did not come back"
+                time.sleep(0.5)
+        np.testing.assert_allclose(got, model.embed(["back again"], kind="query")[0], atol=1e-5)
+    assert model_host.running_pid() == supervisor

@@ -1,10 +1,11 @@
-"""Ahead-of-time compile check: every attention and pooling variant the launchers can pick, compiled
-for sm_90 (H100) and sm_80 (A100) with fp16 and bf16 inputs, fits the hardware.
+"""Ahead-of-time compile check: every attention, pooling and rotary variant the launchers can pick,
+compiled for sm_90 (H100) and sm_80 (A100) with fp16 and bf16 inputs, fits the hardware.
 
 No GPU needed: Triton compiles to cubins for a named target, and cuobjdump reads the resources back
 (tests/triton_aot.py). "Every variant" is the full tile table (triton_kernels/flash_attention.py
-TILE_TABLE, both ALiBi on and off) and the pooling tile for the supported hidden sizes. The table for
-the report is printed by bench/compile_check.py.
+TILE_TABLE, both ALiBi on and off), the pooling tile for the supported hidden sizes and the rotary tile
+for the NomicBERT head layouts (aot.ROTARY_SHAPES). The table for the report is printed by
+bench/compile_check.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests import triton_aot as aot
 
 @pytest.fixture(scope="module")
 def usages() -> list[aot.Usage]:
-    return aot.compile_all(aot.attention_variants() + aot.pooling_variants())
+    return aot.compile_all(aot.attention_variants() + aot.pooling_variants() + aot.rotary_variants())
 
 
 def test_every_variant_is_enumerated():
@@ -43,6 +44,13 @@ def test_every_variant_is_enumerated():
     assert compiled == runnable
     assert len(variants) == len(runnable) * 2 * 2  # x fp16/bf16 x ALiBi on/off, no duplicates
     assert {v.arch for v in variants} == {90, 80} and {v.dtype for v in variants} == {"fp16", "bf16"}
+
+
+def test_rotary_variants_cover_nomic_embed_text():
+    variants = aot.rotary_variants()
+    assert {v.arch for v in variants} == {90, 80} and {v.dtype for v in variants} == {"fp16", "bf16"}
+    # nomic-embed-text: 12 heads of 64 -> all 16 (padded) heads and 32 rotation pairs in one tile.
+    assert (("BLOCK_H", 16), ("BLOCK_HALF", 32)) in {v.constexprs for v in variants}
 
 
 def test_no_register_spills(usages):

@@ -1,68 +1,254 @@
 -- requires: plpython3u
 -- SQL embed() and search() (PL/Python). Rerun on every migrate (CREATE OR REPLACE); skipped with a notice
 -- by the runner where the server has no plpython3u (`longembed setup-plpython` builds it for the embedded
--- server). The bodies only import longembed.plugin.sql_functions and pass `plpy` on; the backend finds the module
--- through PYTHONPATH, which `longembed up` sets from the interpreter that runs it.
+-- server).
+--
+-- No model lives in a backend: longembed.host_embed() sends the texts to the model host (`longembed serve`,
+-- started by `longembed up`) with Python's standard library only, and the host batches them with every
+-- other caller's. A model per backend would cost each new connection ~2 s and ~400 MiB, and as root the
+-- server's OS user cannot even read the virtual environment.
+--
+-- Where the host is, read from the server's configuration files only (postgresql.conf, an included file,
+-- ALTER SYSTEM), never from a session's SET or a role's own defaults: a role that could point it
+-- elsewhere would make the server connect anywhere, and receive the key.
+--   longembed.host           'unix:/path/to/host.sock' (the embedded server: set by `longembed up`)
+--                            or 'http://host:port' (docker-compose, any other server)
+--   longembed.host_key_file  a file the server's OS user can read holding the API key (HTTP only)
+--   longembed.host_timeout   seconds to wait for vectors (default 120: long documents take a while)
+-- The model of embed(): `SET longembed.model = 'name'` in a session (default: the host's first model);
+-- the host serves only its own models and those a collection uses.
 --
 -- STABLE: `ORDER BY embedding <=> embed('...') LIMIT k` then evaluates embed() once and walks the HNSW
--- index; a VOLATILE function would be called per row with a sequential scan (tests/test_sql_functions.py checks the plan).
--- PARALLEL RESTRICTED, not SAFE: each parallel worker is a fresh process that would load the model (about
--- 2 s) for a value the leader computes once.
+-- index; a VOLATILE function would be called per row with a sequential scan.
+-- PARALLEL RESTRICTED: the leader asks the host once instead of every worker.
 -- search_path is pinned; the bodies name every object with its schema. NULL in, NULL out (STRICT).
 
 CREATE EXTENSION IF NOT EXISTS plpython3u;
 
-CREATE OR REPLACE FUNCTION longembed.embed(input text, kind text DEFAULT 'query')
-RETURNS vector
-LANGUAGE plpython3u STRICT STABLE PARALLEL RESTRICTED
+-- A longembed.* setting as the configuration files give it (pg_file_settings is for superusers: this
+-- definer-rights function shows only our own settings, and nothing a session SET).
+CREATE OR REPLACE FUNCTION longembed.host_setting(setting_name text)
+RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT f.setting FROM pg_catalog.pg_file_settings f
+     WHERE f.name = setting_name AND f.error IS NULL
+       AND setting_name IN ('longembed.host', 'longembed.host_key_file', 'longembed.host_timeout')
+     ORDER BY f.seqno DESC LIMIT 1;
+END;
+
+-- One request to the model host; NULL elements stay NULL. A small per-backend cache answers repeats: a
+-- STABLE function is still evaluated once per row where the planner cannot hoist it (a WHERE clause on
+-- a sequential scan).
+CREATE OR REPLACE FUNCTION longembed.host_embed(
+    inputs text[], kind text, model text DEFAULT NULL, instruction text DEFAULT NULL,
+    dim integer DEFAULT NULL, revision text DEFAULT NULL)
+RETURNS vector[]
+LANGUAGE plpython3u STABLE PARALLEL RESTRICTED
 SET search_path = pg_catalog, pg_temp
 AS $body$
+import base64
+import http.client
+import json
+import socket
+import struct
+import time
+from collections import OrderedDict
+
+if kind not in ("query", "document"):
+    plpy.error("longembed: kind must be 'query' or 'document', got %r" % (kind,),
+               hint="queries get the model's query prefix, documents its document prefix",
+               sqlstate="22023")
+if inputs is None:
+    return None
+
+def server_setting(name, default=None):
+    plan = GD.get("longembed_setting_plan")
+    if plan is None:
+        plan = plpy.prepare("SELECT longembed.host_setting($1) AS value", ["text"])
+        GD["longembed_setting_plan"] = plan
+    return plpy.execute(plan, [name])[0]["value"] or default
+
+target = server_setting("longembed.host")
+if not target:
+    plpy.error("longembed: no model host is configured for this server",
+               hint="the embedded server: start it with `longembed up`; any other server: set "
+                    "longembed.host = 'http://HOST:PORT' in postgresql.conf (or ALTER SYSTEM) and reload",
+               sqlstate="55000")
+cache = GD.setdefault("longembed_vectors", OrderedDict())
+key_base = (target, model or "", kind, instruction)
+out = [None] * len(inputs)
+missing = {}
+for i, text in enumerate(inputs):
+    if text is None:
+        continue
+    if not text.strip():  # the rule of search() too: nothing to embed, and [CLS][SEP] is near anything
+        plpy.error("longembed: the text is empty (or only whitespace): nothing to embed",
+                   detail="input %d of %d" % (i + 1, len(inputs)), sqlstate="22000")
+    hit = cache.get(key_base + (text,))
+    if hit is not None:
+        cache.move_to_end(key_base + (text,))
+        out[i] = hit
+    else:
+        missing.setdefault(text, []).append(i)
+if not missing:
+    return out
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
 try:
-    import site, sys
-    for entry in [p for p in sys.path if p.endswith("-packages")]:
-        site.addsitedir(entry)  # runs the editable install's .pth hook, which maps longembed.*
-    from longembed.plugin import sql_functions
-except ImportError as exc:
-    plpy.error("longembed: the server's Python cannot import longembed (%s)" % exc,
-               hint="start the server with `longembed up` from longembed's environment, or put its "
-                    "site-packages on the server's PYTHONPATH")
-return sql_functions.embed_text(plpy, input, kind)
+    timeout = float(server_setting("longembed.host_timeout", "120"))
+except ValueError:
+    timeout = 120.0
+headers = {"Content-Type": "application/json"}
+if target.startswith("unix:"):
+    def connection():
+        return UnixHTTPConnection(target[len("unix:"):], timeout)
+elif target.startswith(("http://", "https://")):
+    from urllib.parse import urlsplit
+    url = urlsplit(target)
+    cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+
+    def connection():
+        return cls(url.hostname, url.port, timeout=timeout)
+    key_file = server_setting("longembed.host_key_file")
+    if key_file:
+        try:
+            with open(key_file) as f:
+                headers["Authorization"] = "Bearer " + f.read().strip()
+        except OSError as exc:
+            plpy.error("longembed: cannot read longembed.host_key_file: %s" % exc, sqlstate="58030")
+else:
+    plpy.error("longembed: longembed.host must start with unix:, http:// or https://, got %r" % target,
+               sqlstate="22023")
+
+def head(text, limit=500000):
+    # Only a text's first tokens are embedded (the model's window is at most 8192 tokens, ~50,000
+    # characters), so a longer text is cut at a whitespace before `limit`: the vector stays the same and
+    # the request stays under the host's limit on characters per input (1,000,000 by default).
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind(" ", 0, limit), text.rfind("\n", 0, limit))
+    return text[: cut if cut > 0 else limit]
+
+texts = list(missing)
+body = {"input": [head(text) for text in texts], "kind": kind, "encoding_format": "base64"}
+if model:
+    body["model"] = model
+if instruction is not None:
+    body["instruction"] = instruction
+# A host that is loading its models or whose queue is full answers 503/429 with Retry-After: wait
+# (up to the timeout) rather than fail; the SELECT between tries lets a query cancel get through.
+deadline = time.monotonic() + timeout
+while True:
+    conn = connection()
+    try:
+        conn.request("POST", "/v1/embeddings", json.dumps(body), headers)
+        response = conn.getresponse()
+        payload = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        plpy.error("longembed: the model host at %s did not answer (%s)" % (target, exc),
+                   hint="is it running? `longembed status` shows it; `longembed up` starts it",
+                   sqlstate="08006")
+    finally:
+        conn.close()
+    if response.status not in (429, 503) or time.monotonic() >= deadline:
+        break
+    try:
+        wait = float(response.getheader("Retry-After") or 1)
+    except ValueError:
+        wait = 1.0
+    time.sleep(max(0.05, min(wait, 0.5, deadline - time.monotonic())))
+    plpy.execute("SELECT 1")
+try:
+    answer = json.loads(payload)
+except ValueError:
+    answer = {}
+if response.status != 200:
+    error = answer.get("error") if isinstance(answer, dict) else None
+    message = error.get("message") if isinstance(error, dict) else payload[:200].decode("utf-8", "replace")
+    sqlstate = {400: "22023", 401: "28000", 403: "42501", 404: "42704", 413: "54000",
+                429: "53000", 503: "53000"}.get(response.status, "XX000")
+    plpy.error("longembed: %s" % message, detail="model host answered HTTP %d" % response.status,
+               sqlstate=sqlstate)
+served = answer.get("longembed") or {}
+if dim is not None or revision is not None:
+    if revision is not None and served.get("revision") not in (None, revision):
+        plpy.error("longembed: the collection was embedded with revision %s of %s; the host serves "
+                   "revision %s" % (revision, answer.get("model"), served.get("revision")),
+                   hint="serve the weights the collection was made with, or embed the collection "
+                        "again into a new collection with the new ones", sqlstate="22000")
+for item in answer["data"]:
+    raw = base64.b64decode(item["embedding"])
+    values = struct.unpack("<%df" % (len(raw) // 4), raw)
+    if dim is not None and len(values) != dim:
+        plpy.error("longembed: dimension mismatch: the collection has %d-d vectors, model %s gives %d-d"
+                   % (dim, answer.get("model"), len(values)), sqlstate="22000")
+    # repr() of a float32 widened to a float is the shortest text that parses back to the same float32.
+    literal = "[" + ",".join(map(repr, values)) + "]"
+    text = texts[item["index"]]
+    for i in missing[text]:
+        out[i] = literal
+    if len(text) <= 10000:
+        cache[key_base + (text,)] = literal
+        if len(cache) > 256:
+            cache.popitem(last=False)
+return out
 $body$;
 
 CREATE OR REPLACE FUNCTION longembed.embed(inputs text[], kind text DEFAULT 'query')
 RETURNS vector[]
-LANGUAGE plpython3u STRICT STABLE PARALLEL RESTRICTED
+LANGUAGE sql STRICT STABLE PARALLEL RESTRICTED
 SET search_path = pg_catalog, pg_temp
-AS $body$
-try:
-    import site, sys
-    for entry in [p for p in sys.path if p.endswith("-packages")]:
-        site.addsitedir(entry)  # runs the editable install's .pth hook, which maps longembed.*
-    from longembed.plugin import sql_functions
-except ImportError as exc:
-    plpy.error("longembed: the server's Python cannot import longembed (%s)" % exc,
-               hint="start the server with `longembed up` from longembed's environment, or put its "
-                    "site-packages on the server's PYTHONPATH")
-return sql_functions.embed_texts(plpy, inputs, kind)
-$body$;
+RETURN longembed.host_embed(inputs, kind, nullif(current_setting('longembed.model', true), ''));
 
--- The query vector for a collection: its model, its query prefix, its dimension.
+CREATE OR REPLACE FUNCTION longembed.embed(input text, kind text DEFAULT 'query')
+RETURNS vector
+LANGUAGE sql STRICT STABLE PARALLEL RESTRICTED
+SET search_path = pg_catalog, pg_temp
+RETURN (longembed.host_embed(ARRAY[input], kind, nullif(current_setting('longembed.model', true), '')))[1];
+
+-- The query vector for a collection: its model, its query prefix, its dimension and revision.
 CREATE OR REPLACE FUNCTION longembed.embed_query(collection text, query text)
 RETURNS vector
-LANGUAGE plpython3u STRICT STABLE PARALLEL RESTRICTED
+LANGUAGE plpgsql STRICT STABLE PARALLEL RESTRICTED
 SET search_path = pg_catalog, pg_temp
 AS $body$
-try:
-    import site, sys
-    for entry in [p for p in sys.path if p.endswith("-packages")]:
-        site.addsitedir(entry)  # runs the editable install's .pth hook, which maps longembed.*
-    from longembed.plugin import sql_functions
-except ImportError as exc:
-    plpy.error("longembed: the server's Python cannot import longembed (%s)" % exc,
-               hint="start the server with `longembed up` from longembed's environment, or put its "
-                    "site-packages on the server's PYTHONPATH")
-return sql_functions.embed_query(plpy, collection, query)
+DECLARE
+    c longembed.collections;
+BEGIN
+    SELECT * INTO c FROM longembed.collections WHERE name = collection;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'longembed: no collection named %', quote_literal(collection)
+            USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM longembed.collections';
+    END IF;
+    RETURN (longembed.host_embed(ARRAY[query], 'query', c.model_source, c.query_prefix, c.dim,
+                                 c.model_revision))[1];
+END;
 $body$;
+
+-- Schema version 2 added `truncated` to the result: drop an older definition first (CREATE OR REPLACE
+-- cannot change result columns); CASCADE takes the public wrapper depending on it, recreated below.
+DO $do$
+BEGIN
+    IF to_regprocedure('longembed.search(text,text,integer,jsonb,boolean,integer)') IS NOT NULL
+       AND NOT EXISTS (
+           SELECT 1 FROM pg_proc
+           WHERE oid = to_regprocedure('longembed.search(text,text,integer,jsonb,boolean,integer)')
+             AND 'truncated' = ANY(proargnames)) THEN
+        DROP FUNCTION longembed.search(text, text, integer, jsonb, boolean, integer) CASCADE;
+    END IF;
+END;
+$do$;
 
 -- Top-k documents of a collection for a text query: the same rows as longembed.plugin.store.search.search() and
 -- `longembed search` (all three end in longembed.search_vector / search_hybrid, 015_search.sql).
@@ -70,7 +256,7 @@ CREATE OR REPLACE FUNCTION longembed.search(
     collection text, query text, k integer DEFAULT 10, filter jsonb DEFAULT NULL,
     hybrid boolean DEFAULT false, ef_search integer DEFAULT NULL)
 RETURNS TABLE (external_id text, score double precision, chunk_ordinal integer, char_start integer,
-               char_end integer, snippet text, metadata jsonb)
+               char_end integer, snippet text, metadata jsonb, truncated boolean)
 LANGUAGE plpgsql
 AS $body$
 BEGIN
@@ -87,50 +273,3 @@ BEGIN
     END IF;
 END;
 $body$;
-
--- Unqualified names: wrappers in schema public, unless the user already has a function of that name and
--- signature there (ours carry a comment starting with 'longembed:'), which is then left alone.
-DO $do$
-DECLARE
-    wrapper record;
-BEGIN
-    IF to_regnamespace('public') IS NULL THEN
-        RAISE NOTICE 'longembed: schema public is missing; call longembed.embed() and longembed.search()';
-        RETURN;
-    END IF;
-    FOR wrapper IN
-        SELECT * FROM (VALUES
-            ('public.embed(text,text)', $f$
-                CREATE OR REPLACE FUNCTION public.embed(input text, kind text DEFAULT 'query')
-                RETURNS vector LANGUAGE sql STRICT STABLE PARALLEL RESTRICTED
-                RETURN longembed.embed(input, kind)$f$),
-            ('public.embed(text[],text)', $f$
-                CREATE OR REPLACE FUNCTION public.embed(inputs text[], kind text DEFAULT 'query')
-                RETURNS vector[] LANGUAGE sql STRICT STABLE PARALLEL RESTRICTED
-                RETURN longembed.embed(inputs, kind)$f$),
-            ('public.search(text,text,integer,jsonb,boolean,integer)', $f$
-                CREATE OR REPLACE FUNCTION public.search(
-                    collection text, query text, k integer DEFAULT 10, filter jsonb DEFAULT NULL,
-                    hybrid boolean DEFAULT false, ef_search integer DEFAULT NULL)
-                RETURNS TABLE (external_id text, score double precision, chunk_ordinal integer,
-                               char_start integer, char_end integer, snippet text, metadata jsonb)
-                LANGUAGE sql
-                BEGIN ATOMIC
-                    SELECT * FROM longembed.search(collection, query, k, filter, hybrid, ef_search);
-                END$f$)
-        ) AS w(signature, ddl)
-    LOOP
-        IF to_regprocedure(wrapper.signature) IS NOT NULL
-           AND coalesce(obj_description(to_regprocedure(wrapper.signature), 'pg_proc'), '')
-               NOT LIKE 'longembed:%' THEN
-            RAISE NOTICE 'longembed: % exists and is not ours; left alone (use the longembed. names)',
-                wrapper.signature;
-            CONTINUE;
-        END IF;
-        EXECUTE wrapper.ddl;
-        EXECUTE format('COMMENT ON FUNCTION %s IS %L', wrapper.signature,
-                       'longembed: unqualified wrapper of longembed.' || split_part(
-                           split_part(wrapper.signature, '(', 1), '.', 2) || '()');
-    END LOOP;
-END;
-$do$;

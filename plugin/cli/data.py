@@ -16,6 +16,7 @@ from dataclasses import asdict
 
 import psycopg
 
+from longembed.encoder.chunking import DEFAULT_CHUNK_TOKENS
 from longembed.plugin import db
 from longembed.plugin.cli import errors, options
 from longembed.plugin.embedded.server import resolve_dsn
@@ -107,7 +108,12 @@ def _collection_options(p: argparse.ArgumentParser) -> None:
     options.model(g)
     unset = argparse.SUPPRESS
     g.add_argument("--mode", choices=("full", "chunk", "late"), default=unset, help="default: chunk")
-    g.add_argument("--chunk-tokens", type=int, default=unset, help="tokens per chunk (default: what fits)")
+    g.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=unset,
+        help=f"tokens per chunk (default: {DEFAULT_CHUNK_TOKENS}, or what fits next to the document prefix)",
+    )
     g.add_argument("--overlap", type=int, default=unset, help="tokens shared by neighbouring chunks (32)")
     g.add_argument("--distance", choices=("cosine", "l2", "ip"), default=unset, help="default: cosine")
     g.add_argument("--hnsw-m", type=int, default=unset, help="default: 16")
@@ -145,8 +151,8 @@ def _worker_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-attempts", type=int, default=5, help="tries before a document is parked as failed")
 
 
-def _connect(args: argparse.Namespace, *, schema: bool = True) -> psycopg.Connection:
-    conn = db.connect(resolve_dsn(args))
+def _connect(args: argparse.Namespace, *, schema: bool = True, admin: bool = False) -> psycopg.Connection:
+    conn = db.connect(resolve_dsn(args, admin=admin))
     if schema:
         try:
             db.require_vector(conn)
@@ -159,7 +165,7 @@ def _connect(args: argparse.Namespace, *, schema: bool = True) -> psycopg.Connec
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from longembed.plugin.migrate import migrate
 
-    with _connect(args, schema=False) as conn:
+    with _connect(args, schema=False, admin=True) as conn:
         report = migrate(conn)
     for name in report.applied:
         print(f"applied {name}")
@@ -168,6 +174,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     print(f"functions: {', '.join(report.functions) or 'none'}")
     for line in report.skipped:
         print(f"notice: skipped {line}", file=sys.stderr)
+    for line in report.notices:
+        print(f"notice: {line}", file=sys.stderr)
     return 0
 
 
@@ -175,7 +183,7 @@ def _create_from_args(conn: psycopg.Connection, name: str, args: argparse.Namesp
     from longembed.plugin.models import get_model
     from longembed.plugin.store.collections import create_collection
 
-    return create_collection(conn, name, get_model(args.model).info, **_given_settings(args))
+    return create_collection(conn, name, get_model(args.model), **_given_settings(args))
 
 
 def _cmd_collection_create(args: argparse.Namespace) -> int:
@@ -263,7 +271,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     with _connect(args, schema=False) as conn:
         if args.create and not applied_versions(conn):
-            migrate(conn)
+            with _connect(args, schema=False, admin=True) as admin:
+                migrate(admin)
         db.require_vector(conn)
         collection = get_collection(conn, args.collection, missing_ok=args.create)
         if collection is None:
@@ -271,7 +280,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             print(f"created collection {collection.name} ({collection.model_name}, {collection.dim}-d)")
         else:
             _check_settings(collection, args)
-        if args.model is not None and collection.model_name != args.model:
+        if args.model is not None and args.model not in (collection.model_source, collection.model_name):
             # --model names the collection's model; another one would embed into the wrong space.
             mismatch = incompatibility(collection, get_model(args.model).info)
             if mismatch:
@@ -363,19 +372,22 @@ def _embed_inline(conn: psycopg.Connection, collection, settings: dict, *, progr
     remaining = pending()
     if not remaining:
         return 0
-    model = get_model(collection.model_name)
+    model = get_model(collection.model_source)
     worker = Worker(conn, model, _worker_config(settings, model), [collection.name])
-    parked = 0
+    parked = truncated = 0
     with tqdm(total=remaining, desc="embed", unit="doc", disable=not progress, file=sys.stderr) as bar:
         while remaining:
             stats = worker.run_once()
             parked += stats.parked
+            truncated += stats.truncated
             if stats.batches == 0:
                 time.sleep(0.5)  # items backing off before a retry, or leased by another worker
             now = pending()
             bar.update(max(0, remaining - now))
             remaining = now
     embedded_line = f"embedded into {collection.name}"
+    if truncated:
+        embedded_line += f"; {truncated} documents truncated at {model.info.max_tokens} tokens"
     if parked:
         print(
             f"{embedded_line}; {parked} documents failed (see `longembed collection list`)", file=sys.stderr
@@ -412,9 +424,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print("no results")
     for rank, r in enumerate(results, start=1):
         snippet = " ".join(r.snippet.split())[:100]
+        cut = ", truncated" if r.truncated else ""
         print(
             f"{rank:>3}. {r.score:.4f}  {r.external_id}  "
-            f"[chunk {r.chunk_ordinal}, chars {r.char_start}-{r.char_end}]"
+            f"[chunk {r.chunk_ordinal}, chars {r.char_start}-{r.char_end}{cut}]"
         )
         print(f"     {snippet}")
     return 0

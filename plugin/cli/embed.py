@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from longembed.encoder.chunking import MODES
+from longembed.encoder.chunking import DEFAULT_CHUNK_TOKENS, MODES
 from longembed.encoder.profiles import KINDS
 from longembed.plugin.cli import errors, options
 from longembed.plugin.pipeline.ingest import Record, Skipped, iter_lines, read_bytes
@@ -38,7 +38,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instruction", default=None, help="free instruction prefix, overrides --kind's prefix")
     p.add_argument("--mode", choices=MODES, default="full", help="full (default), chunk or late")
     p.add_argument(
-        "--chunk-tokens", type=options.positive_int, default=256, help="tokens per chunk (chunk/late)"
+        "--chunk-tokens",
+        type=options.positive_int,
+        default=None,
+        help=f"tokens per chunk (default: {DEFAULT_CHUNK_TOKENS}, or what fits next to the prefix)",
     )
     p.add_argument(
         "--overlap", type=options.non_negative_int, default=32, help="overlapping tokens between chunks"

@@ -47,8 +47,9 @@ def _failure_errors() -> tuple[type[BaseException], ...]:
     from longembed.plugin.embedded.plpython import PlpythonSetupError
     from longembed.plugin.embedded.server import ServerError
     from longembed.plugin.migrate import MigrationError
+    from longembed.plugin.service.supervisor import HostError
 
-    return (CommandFailed, ServerError, PlpythonSetupError, MigrationError, psycopg.Error, OSError)
+    return (CommandFailed, ServerError, PlpythonSetupError, MigrationError, HostError, psycopg.Error, OSError)
 
 
 def _raised_by_longembed(exc: BaseException) -> bool:

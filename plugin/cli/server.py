@@ -1,4 +1,5 @@
-"""`longembed up | down | status | dsn | psql | setup-plpython`: the embedded PostgreSQL server."""
+"""`longembed up | down | status | dsn | psql | setup-plpython`: the embedded PostgreSQL server and the
+model host (`longembed serve`) that `up` runs beside it."""
 
 from __future__ import annotations
 
@@ -8,32 +9,59 @@ import os
 import sys
 
 from longembed.plugin.cli import errors, options
-from longembed.plugin.embedded.server import EmbeddedServer, ServerError, bundled_pginstall, resolve_dsn
+from longembed.plugin.embedded.server import (
+    EmbeddedServer,
+    ServerError,
+    bundled_pginstall,
+    port_is_free,
+    resolve_dsn,
+)
+from longembed.plugin.service.supervisor import HostError, HostProcess
+from longembed.plugin.settings import DEFAULT_HTTP_PORT, settings
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this module's subcommands; each sets `run=callable(args) -> int`."""
-    p = sub.add_parser("up", help="start the embedded PostgreSQL server (initialise it on first use)")
+    p = sub.add_parser(
+        "up", help="start the embedded PostgreSQL server (initialised on first use) and the model host"
+    )
     p.add_argument(
         "--port", type=int, help="TCP port on 127.0.0.1 (default: $LONGEMBED_PORT, else the last one)"
     )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="the model host's HTTP port on 127.0.0.1 (default: $LONGEMBED_HTTP_PORT, else "
+        f"{DEFAULT_HTTP_PORT}); 0: only its Unix socket, which SQL embed() uses",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        help="a model for the host to serve (repeatable; default: the bundled all-MiniLM-L6-v2)",
+    )
+    p.add_argument("--no-host", action="store_true", help="start PostgreSQL only (SQL embed() then fails)")
     p.set_defaults(run=_cmd_up)
 
-    p = sub.add_parser("down", help="stop the embedded server (fast shutdown)")
+    p = sub.add_parser("down", help="stop the model host and the embedded server (fast shutdown)")
     p.set_defaults(run=_cmd_down)
 
     p = sub.add_parser("status", help="is the embedded server running; where it lives")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(run=_cmd_status)
 
-    p = sub.add_parser("dsn", help="print the connection URI of the embedded server (with its password)")
+    p = sub.add_parser(
+        "dsn", help="print the connection URI of the embedded server's application role (with its password)"
+    )
     p.add_argument("--no-password", action="store_true", help="leave the password out")
+    _admin_option(p)
     p.set_defaults(run=_cmd_dsn)
 
     p = sub.add_parser("psql", help="open psql on the database (embedded server, --dsn or $LONGEMBED_DSN)")
     options.dsn(p)
     p.add_argument("-c", "--command", action="append", help="run this SQL and exit (repeatable)")
     p.add_argument("-f", "--file", help="run the SQL in this file and exit")
+    _admin_option(p)
     p.add_argument("psql_args", nargs=argparse.REMAINDER, help="after --: more psql arguments")
     p.set_defaults(run=_cmd_psql)
 
@@ -43,6 +71,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--force", action="store_true", help="rebuild even when a build is cached")
     p.set_defaults(run=_cmd_setup_plpython)
+
+
+def _admin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--admin",
+        action="store_true",
+        help="the embedded server's superuser instead of the application role longembed_app",
+    )
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -62,26 +98,43 @@ def _cmd_up(args: argparse.Namespace) -> int:
             "note: PL/Python is not built; SQL embed() needs it: run `longembed setup-plpython`",
             file=sys.stderr,
         )
-    system_python = plpython.system_python_version()
-    ours = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if system_python != ours:
-        print(
-            f"warning: PL/Python runs the system Python {system_python}, longembed runs on {ours}: "
-            f"SQL embed() needs longembed and its packages installed for Python {system_python}",
-            file=sys.stderr,
-        )
-    for path in server.unreadable_python_paths():
-        print(
-            f"warning: user {server.run_as} cannot read {path}: SQL embed() will not find longembed's "
-            "Python packages; install them where that user can read them",
-            file=sys.stderr,
-        )
+    if not args.no_host:
+        _start_host(server, args)
     print("connection URI: longembed dsn")
     return 0
 
 
+def host_of(server: EmbeddedServer) -> HostProcess:
+    return HostProcess(server.home, server.host_socket, server.home / "log" / "host.log")
+
+
+def _start_host(server: EmbeddedServer, args: argparse.Namespace) -> None:
+    host = host_of(server)
+    pid = host.running_pid()
+    if pid is not None:
+        print(f"model host already running (supervisor pid {pid}): unix:{server.host_socket}")
+        return
+    http_port = settings().http_port if args.http_port is None else args.http_port
+    if http_port and not port_is_free(http_port):
+        raise HostError(
+            f"port {http_port} on 127.0.0.1 is in use: pass --http-port N (0: only the Unix socket)"
+        )
+    serve_args = ["--socket", str(server.host_socket), "--port", str(http_port)]
+    if server.service_user is not None:
+        serve_args += ["--socket-user", server.service_user]
+    for model in args.model or []:
+        serve_args += ["--model", model]
+    # The application role, not the superuser; in the environment, not in argv (ps shows argv to all).
+    env = dict(os.environ, LONGEMBED_DSN=server.app_dsn())
+    pid = host.start(serve_args, env)
+    where = f"unix:{server.host_socket}" + (f" and http://127.0.0.1:{http_port}" if http_port else "")
+    print(f"started the model host on {where} (supervisor pid {pid}, log {host.log_file})")
+
+
 def _cmd_down(args: argparse.Namespace) -> int:
     server = EmbeddedServer()
+    if host_of(server).stop():
+        print("model host stopped")
     print("stopped" if server.stop() else "not running")
     return 0
 
@@ -92,9 +145,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     server = EmbeddedServer()
     status = server.status()
-    plpython = plpython.installed_dir(bundled_pginstall())  # a copy would have the same version
+    plpython_dir = plpython.installed_dir(bundled_pginstall())  # a copy would have the same version
+    host = host_of(server)
+    host_pid = host.running_pid()
+    ready = host.health("/ready") if host_pid is not None else None
+    host_status = {
+        "running": host_pid is not None,
+        "supervisor_pid": host_pid,
+        "socket": str(server.host_socket),
+        "ready": ready is not None and ready[0] == 200,
+        "log": str(host.log_file),
+    }
     if args.json:
-        print(json.dumps(status.as_dict() | {"plpython": str(plpython) if plpython else None}, indent=2))
+        extra = {"plpython": str(plpython_dir) if plpython_dir else None, "host": host_status}
+        print(json.dumps(status.as_dict() | extra, indent=2))
         return errors.OK if status.running else errors.NOT_RUNNING
     if status.running:
         print(
@@ -105,7 +169,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"stopped (data in {status.data_dir}); start it with `longembed up`")
     else:
         print(f"not set up ({status.home}); start it with `longembed up`")
-    print(f"PL/Python: {plpython}" if plpython else "PL/Python: not built (`longembed setup-plpython`)")
+    if host_pid is None:
+        print("model host: not running (`longembed up` starts it)")
+    else:
+        state = "ready" if host_status["ready"] else f"not ready ({ready[1] if ready else 'no answer'})"
+        print(f"model host: {state}, supervisor pid {host_pid}, unix:{server.host_socket}")
+    print(
+        f"PL/Python: {plpython_dir}" if plpython_dir else "PL/Python: not built (`longembed setup-plpython`)"
+    )
     return errors.OK if status.running else errors.NOT_RUNNING
 
 
@@ -113,14 +184,15 @@ def _cmd_dsn(args: argparse.Namespace) -> int:
     server = EmbeddedServer()
     if server.running_pid() is None:
         raise ServerError("the embedded server is not running: start it with `longembed up`")
-    print(server.dsn(with_password=not args.no_password))
+    dsn = server.dsn if args.admin else server.app_dsn
+    print(dsn(with_password=not args.no_password))
     return 0
 
 
 def _cmd_psql(args: argparse.Namespace) -> int:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    dsn = resolve_dsn(args)
+    dsn = resolve_dsn(args, admin=args.admin)
     # The password travels in the environment, not in argv (visible to every user in ps).
     params = conninfo_to_dict(dsn)
     password = params.pop("password", None)

@@ -6,7 +6,11 @@ a server nobody stops. This launcher runs the bundled initdb / pg_ctl itself:
 
 - one home directory per user (`$LONGEMBED_HOME`, else `~/.local/share/longembed`; for root
   `/var/lib/longembed`), mode 0700, holding the data directory `pg/`, the Unix socket directory `run/`,
-  the log, the generated password (0600) and `server.json` (the port);
+  the log, the generated passwords (0600) and `server.json` (the port);
+- two login roles: the superuser `postgres` (password file `password`) for `migrate` and administration,
+  and `longembed_app` (`app-password`), a member of `longembed_writer` and nothing more, which the data
+  commands, workers and the service use (`longembed dsn` vs `longembed dsn --admin`); the privileges of
+  `longembed_writer` come from `longembed migrate` (migrations/functions/090_privileges.sql);
 - the server listens on 127.0.0.1 only, on a free port picked at first start (or `--port` /
   `$LONGEMBED_PORT`), and every connection, socket included, needs the password (scram-sha-256);
 - as root, the server runs as an unprivileged system user (`longembed`, created when missing) through
@@ -17,8 +21,10 @@ a server nobody stops. This launcher runs the bundled initdb / pg_ctl itself:
   postmaster.pid whose process is gone, and a pid file naming a live process that is not our
   postmaster (a reused pid) is removed here.
 
-The backend gets PYTHONPATH from the running interpreter (the project and its site-packages), so the
-PL/Python functions (`plpython3u`, built by `longembed setup-plpython`) import `encoder` and `plugin`.
+No model and no longembed code runs inside a backend: the SQL functions (`plpython3u`, built by
+`longembed setup-plpython`) call the model host over the Unix socket `host/host.sock` in the home, which
+`longembed.host` in the server's configuration names. The folder `host/` is private to the server's OS
+user (and root), so only backends and the owner reach the host without a key.
 
 Settings (plugin/settings.py): LONGEMBED_HOME (the home), LONGEMBED_PORT, LONGEMBED_SERVICE_USER (as
 root; default `longembed`), LONGEMBED_CACHE (the PL/Python build, embedded/plpython.py); LONGEMBED_DSN
@@ -39,7 +45,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,10 +56,14 @@ from urllib.parse import quote
 from longembed.plugin.settings import ROOT_HOME, settings
 
 SUPERUSER = "postgres"  # not "longembed": "$user" in search_path would then name our schema
+APP_ROLE = "longembed_app"
+APP_GROUP = "longembed_writer"  # 090_privileges.sql grants it what ingest and search need
+GROUP_ROLES = ("longembed_reader", APP_GROUP)
 DATABASE = "longembed"
 LISTEN_HOST = "127.0.0.1"
 START_TIMEOUT_S = 60
-CRASH_WAIT_S = 15  # for a killed postmaster to be reaped and its backends to exit
+CRASH_WAIT_S = 15
+_SERVER_ENV = ("PATH", "LANG", "TZ", "TMPDIR")  # and LC_*: nothing else reaches a backend
 
 
 class ServerError(RuntimeError):
@@ -99,21 +108,6 @@ def default_home() -> Path:
     return settings().home
 
 
-def server_python_path() -> list[str]:
-    """Folders the backend's Python needs on sys.path: the running interpreter's site-packages.
-
-    An editable install maps `longembed.*` onto the checkout through a .pth hook, which PYTHONPATH entries
-    do not run; the SQL function bodies run it with `site.addsitedir`.
-    """
-    paths: list[str] = []
-    for entry in sys.path:
-        if entry and Path(entry).is_dir() and Path(entry).name in ("site-packages", "dist-packages"):
-            resolved = str(Path(entry).resolve())
-            if resolved not in paths:
-                paths.append(resolved)
-    return paths
-
-
 # Paths written into postgresql.conf: no quote, comma, space or newline (the socket list is comma
 # separated, values are quoted strings), so a hostile LONGEMBED_HOME cannot add settings.
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*$")
@@ -146,7 +140,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # As PostgreSQL binds: connections of a stopped server in TIME_WAIT do not make the port busy.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -186,8 +180,10 @@ class EmbeddedServer:
         self.service_user = (service_user or settings().service_user) if self.as_root else None
         self.data_dir = self.home / "pg"
         self.socket_dir = self.home / "run"
+        self.host_socket = self.home / "host" / "host.sock"  # the model host (longembed serve)
         self.log_file = self.home / "log" / "postgres.log"
         self.password_file = self.home / "password"
+        self.app_password_file = self.home / "app-password"
         self.state_file = self.home / "server.json"
         self._pginstall: Path | None = None
 
@@ -312,7 +308,7 @@ class EmbeddedServer:
                     f"set LONGEMBED_HOME to a place that user can reach (the default for root is {ROOT_HOME})"
                 )
         self._refuse_foreign_home()
-        for folder in (self.home, self.socket_dir, self.log_file.parent):
+        for folder in (self.home, self.socket_dir, self.host_socket.parent, self.log_file.parent):
             self._make_private_dir(folder)
 
     def _refuse_foreign_home(self) -> None:
@@ -322,7 +318,7 @@ class EmbeddedServer:
             return
         entries = {entry.name for entry in self.home.iterdir()}
         # The first start writes `password`; one interrupted before that leaves at most the others.
-        interrupted = {"run", "log", "lock", "pginstall"}
+        interrupted = {"run", "log", "host", "lock", "pginstall"}
         if not entries or entries & {"password", "server.json"} or entries <= interrupted:
             return
         raise ServerError(
@@ -330,17 +326,19 @@ class EmbeddedServer:
             "longembed takes over only folders it creates: set LONGEMBED_HOME to a new or empty folder"
         )
 
-    def _password(self) -> str:
-        if not self.password_file.exists():
+    def _password(self, path: Path | None = None) -> str:
+        """The password in `path` (default: the superuser's), generated (0600) on first use."""
+        path = path or self.password_file
+        if not path.exists():
             password = secrets.token_urlsafe(32)
-            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(password + "\n")
-            self._chown(self.password_file)
-        mode = self.password_file.stat().st_mode & 0o777
+            self._chown(path)
+        mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            raise ServerError(f"{self.password_file} is readable by others (mode {mode:o}); expected 0600")
-        return self.password_file.read_text().strip()
+            raise ServerError(f"{path} is readable by others (mode {mode:o}); expected 0600")
+        return path.read_text().strip()
 
     def _load_state(self) -> dict[str, Any]:
         try:
@@ -410,27 +408,27 @@ class EmbeddedServer:
             f"unix_socket_directories = '{conf_path(self.socket_dir)}'",
             "unix_socket_permissions = 0700",
             "password_encryption = 'scram-sha-256'",
+            f"longembed.host = 'unix:{conf_path(self.host_socket)}'",
             *memory_settings(),
         ]
         if not self.durable:
             lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
         from longembed.plugin.embedded import plpython
 
-        plpython = plpython.installed_dir(self.pginstall())
-        if plpython is not None:
+        plpython_dir = plpython.installed_dir(self.pginstall())
+        if plpython_dir is not None:
             # Our own extension folder beside the bundled one (PostgreSQL >= 18).
             lines += [
-                f"extension_control_path = '$system:{conf_path(plpython / 'share')}'",
-                f"dynamic_library_path = '$libdir:{conf_path(plpython / 'lib')}'",
+                f"extension_control_path = '$system:{conf_path(plpython_dir / 'share')}'",
+                f"dynamic_library_path = '$libdir:{conf_path(plpython_dir / 'lib')}'",
             ]
         self._write_owned(self.data_dir / "longembed.conf", "\n".join(lines) + "\n")
 
     def _server_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PYTHON"))}
-        env["PYTHONPATH"] = os.pathsep.join(server_python_path())
-        env["PYTHONNOUSERSITE"] = "1"
+        """Only what PostgreSQL needs: backends must not inherit the caller's tokens and cloud keys."""
+        env = {k: v for k, v in os.environ.items() if k in _SERVER_ENV or k.startswith("LC_")}
         env["LC_ALL"] = "C.UTF-8"
-        env.setdefault("HF_HUB_OFFLINE", "1")  # a backend must never wait on the network for a model
+        env["PYTHONNOUSERSITE"] = "1"  # PL/Python: no per-user packages of whoever the server runs as
         return env
 
     def _choose_port(self, requested: int | None) -> int:
@@ -440,11 +438,11 @@ class EmbeddedServer:
         if requested is not None:
             if not 1 <= requested <= 65535:
                 raise ServerError(f"port must be in 1..65535, got {requested}")
-            if not _port_is_free(requested):
+            if not port_is_free(requested):
                 raise ServerError(f"port {requested} on {LISTEN_HOST} is in use")
             return requested
         stored = state.get("port")
-        if isinstance(stored, int) and _port_is_free(stored):
+        if isinstance(stored, int) and port_is_free(stored):
             return stored
         return _free_port()
 
@@ -575,6 +573,34 @@ class EmbeddedServer:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
             if not exists:
                 conn.execute(f"CREATE DATABASE {DATABASE}")
+            self._ensure_app_role(conn)
+
+    def _ensure_app_role(self, conn: Any) -> None:
+        """Create (or re-key) the login role `longembed_app`, member of `longembed_writer`.
+
+        The group roles are created here too (NOLOGIN, as 090_privileges.sql would): the membership
+        needs them, and `migrate` grants them their privileges. The password is hashed (SCRAM) here, so
+        its clear text never reaches the server or its log.
+        """
+        from psycopg import sql
+
+        password = self._password(self.app_password_file)
+        with conn.transaction():
+            for role in (*GROUP_ROLES, APP_ROLE):
+                if conn.execute("SELECT to_regrole(%s) IS NULL", (role,)).fetchone()[0]:
+                    login = sql.SQL("LOGIN" if role == APP_ROLE else "NOLOGIN")
+                    conn.execute(sql.SQL("CREATE ROLE {} {}").format(sql.Identifier(role), login))
+            if not conn.execute(
+                "SELECT pg_has_role(%s, %s, 'MEMBER')", (GROUP_ROLES[1], GROUP_ROLES[0])
+            ).fetchone()[0]:
+                conn.execute(sql.SQL("GRANT {} TO {}").format(*map(sql.Identifier, GROUP_ROLES)))
+            verifier = conn.pgconn.encrypt_password(password.encode(), APP_ROLE.encode(), b"scram-sha-256")
+            conn.execute(
+                sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                    sql.Identifier(APP_ROLE), sql.Literal(verifier.decode())
+                )
+            )
+            conn.execute(sql.SQL("GRANT {} TO {}").format(*map(sql.Identifier, (APP_GROUP, APP_ROLE))))
 
     def reload_settings(self) -> None:
         """Rewrite longembed.conf (e.g. after setup-plpython) and make the running server read it."""
@@ -609,28 +635,35 @@ class EmbeddedServer:
 
     def dsn(self, dbname: str = DATABASE, *, with_password: bool = True) -> str:
         """libpq URI for the superuser `postgres` over TCP on 127.0.0.1 (password included by default)."""
+        return self._uri(SUPERUSER, self.password_file, dbname, with_password)
+
+    def app_dsn(self, dbname: str = DATABASE, *, with_password: bool = True) -> str:
+        """libpq URI for the application role `longembed_app` (what the data commands use).
+
+        A server started before the role existed gets it now (through the superuser).
+        """
+        if not self.app_password_file.exists() and self.running_pid() is not None:
+            import psycopg
+
+            with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+                self._ensure_app_role(conn)
+        return self._uri(APP_ROLE, self.app_password_file, dbname, with_password)
+
+    def _uri(self, user: str, password_file: Path, dbname: str, with_password: bool) -> str:
         port = self._load_state().get("port")
-        if not isinstance(port, int) or not self.password_file.exists():
+        if not isinstance(port, int) or not password_file.exists():
             raise ServerError(f"the embedded server in {self.home} has not been set up: run `longembed up`")
-        user = SUPERUSER
         if with_password:
-            user += ":" + quote(self.password_file.read_text().strip(), safe="")
+            user += ":" + quote(password_file.read_text().strip(), safe="")
         return f"postgresql://{user}@{LISTEN_HOST}:{port}/{quote(dbname)}"
 
-    def unreadable_python_paths(self) -> list[str]:
-        """Entries of the backend's PYTHONPATH the server's user cannot read (PL/Python would miss them)."""
-        return [
-            path
-            for path in server_python_path()
-            if subprocess.run(
-                self._as_service_user(["test", "-r", path, "-a", "-x", path]), capture_output=True
-            ).returncode
-            != 0
-        ]
 
+def resolve_dsn(args: Any = None, *, admin: bool = False) -> str:
+    """The DSN every command uses: `--dsn`, then `$LONGEMBED_DSN`, then the running embedded server.
 
-def resolve_dsn(args: Any = None) -> str:
-    """The DSN every command uses: `--dsn`, then `$LONGEMBED_DSN`, then the running embedded server."""
+    For the embedded server: the application role, or with `admin` (migrate) the superuser. A DSN given
+    by the user is used as it is for both.
+    """
     explicit = getattr(args, "dsn", None)
     if explicit:
         return explicit
@@ -642,4 +675,4 @@ def resolve_dsn(args: Any = None) -> str:
             f"no database: the embedded server ({server.home}) is not running; start it with `longembed up`, "
             "or pass --dsn / set LONGEMBED_DSN for another PostgreSQL"
         )
-    return server.dsn()
+    return server.dsn() if admin else server.app_dsn()

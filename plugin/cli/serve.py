@@ -1,0 +1,121 @@
+"""`longembed serve`: the model host (OpenAI-compatible HTTP API, batcher, in-process ingestion worker)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from longembed.plugin.cli import errors, options
+from longembed.plugin.settings import settings
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the model host: OpenAI-compatible /v1/embeddings with dynamic batching",
+        description="Hold the model(s) in one process and serve them over HTTP (TCP and/or a Unix socket); "
+        "with --dsn also run the ingestion worker in-process and report the queue in /metrics.",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="TCP address (default 127.0.0.1; others need API keys)"
+    )
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0: no TCP listener)")
+    p.add_argument(
+        "--socket", default=None, help="also listen on this Unix socket (created 0660, no key needed)"
+    )
+    p.add_argument(
+        "--socket-user",
+        default=None,
+        help="as root: hand the socket to this user (the PostgreSQL server's OS user, so backends connect)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model folder or hub id to serve (repeatable; the first is the default; "
+        "default: the bundled all-MiniLM-L6-v2)",
+    )
+    p.add_argument(
+        "--api-key-file", default=None, help="file of API keys, one per line (or $LONGEMBED_API_KEYS)"
+    )
+    p.add_argument("--dsn", default=None, help="PostgreSQL (default: $LONGEMBED_DSN)")
+    p.add_argument("--no-worker", action="store_true", help="do not run the ingestion worker in-process")
+    options.batch_tokens(p)
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="torch threads for the model on CPU (default: cores - 1, at least 1; the rest serves HTTP)",
+    )
+    p.add_argument(
+        "--max-wait-ms", type=float, default=2.0, help="batching window when several requests wait"
+    )
+    p.add_argument("--max-queued-tokens", type=_positive, default=262_144, help="queue bound before 429")
+    p.add_argument("--max-inputs", type=_positive, default=2048, help="inputs per request")
+    p.add_argument("--max-input-chars", type=_positive, default=1_000_000, help="characters per input")
+    p.add_argument("--max-body-bytes", type=_positive, default=16 * 1024 * 1024, help="request body size")
+    p.set_defaults(run=run)
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def read_api_keys(path: str | None) -> tuple[str, ...]:
+    keys: list[str] = []
+    if path:
+        text = Path(path).read_text(encoding="utf-8")
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    keys += settings().api_keys
+    return tuple(keys)
+
+
+def run(args: argparse.Namespace) -> int:
+    from longembed.plugin.service.host import Host, HostConfig
+    from longembed.plugin.service.server import BindRefused, bind_tcp, bind_unix, check_bind, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sockets = []
+    try:
+        keys = read_api_keys(args.api_key_file)
+        if args.port < 0 or (args.port == 0 and not args.socket):
+            raise BindRefused("nothing to listen on: give a --port above 0 or a --socket")
+        check_bind(args.host, args.port, keys)
+        config = HostConfig(
+            models=tuple(args.model) if args.model else (None,),
+            dsn=args.dsn or settings().dsn,
+            worker=not args.no_worker,
+            batch_tokens=args.batch_tokens,
+            max_wait=args.max_wait_ms / 1000,
+            max_queued_tokens=args.max_queued_tokens,
+            max_inputs=args.max_inputs,
+            max_input_chars=args.max_input_chars,
+            max_body_bytes=args.max_body_bytes,
+            api_keys=keys,
+        )
+        if args.port:
+            sockets.append(bind_tcp(args.host, args.port))
+        if args.socket:
+            sockets.append(bind_unix(args.socket, args.socket_user))
+    except (BindRefused, OSError, ValueError) as exc:
+        for sock in sockets:
+            sock.close()
+        errors.report(f"serve: {exc}")
+        return errors.FAILURE if isinstance(exc, OSError) else errors.USAGE
+    # One batcher thread computes; torch's threads spin at a barrier whenever one of them loses its
+    # core, so leave a core to the event loop and the tokenisers (measured: 2 threads on 2 busy cores
+    # answered 8 clients ~10x slower than 1; bench/RESULTS.md).
+    import torch
+
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    where = [f"http://{args.host}:{args.port}"] if args.port else []
+    where += [f"unix:{args.socket}"] if args.socket else []
+    print(f"longembed serve: listening on {', '.join(where)}", file=sys.stderr, flush=True)
+    serve(Host(config), sockets, args.socket)
+    return 0

@@ -1,0 +1,289 @@
+"""The HTTP face of the model host (Starlette): OpenAI's /v1/embeddings and /v1/models, plus /health,
+/ready and /metrics. This module only translates requests and answers; the host does the work.
+
+Every error is OpenAI-shaped JSON, `{"error": {"message", "type", "param", "code"}}`, never a trace.
+API keys (when configured) guard /v1/* and /metrics on TCP; the Unix socket needs none (its file
+permissions are the access control); /health and /ready are open for probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from longembed.encoder.profiles import KINDS
+from longembed.plugin.service.batcher import INTERACTIVE, BatcherStopped, QueueFull
+from longembed.plugin.service.errors import ApiError, invalid
+from longembed.plugin.service.host import Host, HostConfig
+from longembed.plugin.service.served import OVERFLOWS
+
+log = logging.getLogger(__name__)
+
+ENCODINGS = ("float", "base64")
+INLINE_CHARS = 4096  # requests this small are tokenised on the event loop (tens of microseconds)
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    texts: list[str]
+    model: str | None
+    encoding_format: str
+    dimensions: int | None
+    kind: str
+    instruction: str | None
+    overflow: str
+
+
+def build_app(host: Host) -> Starlette:
+    keys = [key.encode() for key in host.config.api_keys]
+
+    def authorised(request: Request) -> bool:
+        if not keys or _via_unix_socket(request):
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        given = token.strip().encode()
+        matches = [hmac.compare_digest(key, given) for key in keys]  # every key: no early exit
+        return any(matches)
+
+    def endpoint(name: str, handler: Handler, auth: bool) -> Handler:
+        async def wrapped(request: Request) -> Response:
+            t0 = time.perf_counter()
+            try:
+                if auth and not authorised(request):
+                    raise ApiError(
+                        401,
+                        "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                        code="invalid_api_key",
+                    )
+                response = await handler(request)
+            except ApiError as exc:
+                response = _error_response(exc)
+            except Exception:
+                log.exception("%s failed", name)
+                response = _error_response(ApiError(500, "internal error; the host's log has the details"))
+            _record(host, name, response, time.perf_counter() - t0)
+            return response
+
+        return wrapped
+
+    async def embeddings(request: Request) -> Response:
+        req = parse_embedding_request(await _read_json(request, host.config.max_body_bytes), host.config)
+
+        def prepare() -> tuple[Any, Any]:
+            served = host.model(req.model)
+            served.check_dimensions(req.dimensions)
+            return served, served.plan(req.texts, req.kind, req.instruction, req.overflow)
+
+        if host.is_served(req.model) and sum(map(len, req.texts)) <= INLINE_CHARS:
+            served, plan = prepare()  # microseconds: cheaper than a hop to a worker thread and back
+        else:  # in a worker thread: long texts, or a model to load or to look up in the database
+            served, plan = await run_in_threadpool(prepare)
+        try:
+            future = served.submit(plan, INTERACTIVE)
+        except QueueFull as exc:
+            raise ApiError(
+                429, f"{exc}; retry later", code="queue_full", retry_after=exc.retry_after
+            ) from None
+        except BatcherStopped as exc:
+            raise ApiError(503, str(exc), retry_after=5) from None
+        rows = await asyncio.wrap_future(future)
+        host.metrics.inputs.labels(served.info.name).inc(len(req.texts))
+        result = served.finish(plan, rows, req.overflow, req.dimensions)
+        if req.encoding_format == "base64":
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in result.vectors]
+        else:
+            data = [v.tolist() for v in result.vectors]
+        tokens = sum(result.n_tokens)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                "model": served.info.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "longembed": {
+                    "kind": req.kind,
+                    "overflow": req.overflow,
+                    "truncated": result.truncated,
+                    "tokens": result.n_tokens,
+                    "dimensions": int(result.vectors.shape[1]),
+                    "revision": served.info.revision,
+                },
+            }
+        )
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_model_entry(m) for m in host.models()]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        reason = await run_in_threadpool(host.ready)
+        if reason is None:
+            return JSONResponse({"status": "ready", "models": [m.info.name for m in host.models()]})
+        return JSONResponse({"status": "unavailable", "reason": reason}, 503, headers={"Retry-After": "2"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(await run_in_threadpool(host.metrics.render), media_type=CONTENT_TYPE_LATEST)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        message = {404: f"no such endpoint: {request.url.path}", 405: f"method {request.method} not allowed"}
+        response = _error_response(ApiError(status, message.get(status, "request failed")))
+        _record(host, "other", response, 0.0)
+        return response
+
+    routes = [
+        Route("/v1/embeddings", endpoint("embeddings", embeddings, True), methods=["POST"]),
+        Route("/embeddings", endpoint("embeddings", embeddings, True), methods=["POST"]),
+        Route("/v1/models", endpoint("models", models, True), methods=["GET"]),
+        Route("/health", endpoint("health", health, False), methods=["GET"]),
+        Route("/ready", endpoint("ready", ready, False), methods=["GET"]),
+        Route("/metrics", endpoint("metrics", metrics, True), methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+def parse_embedding_request(body: dict[str, Any], config: HostConfig) -> EmbeddingRequest:
+    """Validate an OpenAI embeddings body (plus our kind/instruction/overflow); ApiError 400 if bad."""
+    if "input" not in body:
+        raise invalid("'input' is required: a string or a list of strings", "input")
+    raw = body["input"]
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise invalid(f"'input' must be a string or a list of strings, got {_json_type(raw)}", "input")
+    if not raw:
+        raise invalid("'input' is an empty list: send at least one string", "input")
+    if len(raw) > config.max_inputs:
+        raise invalid(f"'input' has {len(raw)} items; at most {config.max_inputs} per request", "input")
+    for i, text in enumerate(raw):
+        if isinstance(text, int | list) and not isinstance(text, bool):
+            raise invalid(
+                f"input[{i}] is {_json_type(text)}: token arrays are not supported, send the text itself",
+                "input",
+                "unsupported_input",
+            )
+        if not isinstance(text, str):
+            raise invalid(f"input[{i}] must be a string, got {_json_type(text)}", "input")
+        if not text:
+            raise invalid(f"input[{i}] is an empty string", "input")
+        if len(text) > config.max_input_chars:
+            raise invalid(
+                f"input[{i}] has {len(text)} characters; at most {config.max_input_chars} per input",
+                "input",
+                "input_too_large",
+            )
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise invalid("'model' must be a non-empty string", "model")
+    encoding = _choice(body, "encoding_format", ENCODINGS, "float")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (
+        not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1
+    ):
+        raise invalid("'dimensions' must be a positive integer", "dimensions")
+    instruction = body.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise invalid("'instruction' must be a string", "instruction")
+    return EmbeddingRequest(
+        texts=raw,
+        model=model,
+        encoding_format=encoding,
+        dimensions=dimensions,
+        kind=_choice(body, "kind", KINDS, "document"),
+        instruction=instruction,
+        overflow=_choice(body, "overflow", OVERFLOWS, "truncate"),
+    )
+
+
+def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise invalid(f"'{name}' must be one of {', '.join(allowed)}, got {json.dumps(value)}", name)
+    return value
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid(f"the request body must be a JSON object, got {_json_type(body)}", code="invalid_json")
+    return body
+
+
+def _via_unix_socket(request: Request) -> bool:
+    server = request.scope.get("server")  # ASGI: [path, None] on a Unix socket, [host, port] on TCP
+    return bool(server) and server[1] is None
+
+
+def _model_entry(served: Any) -> dict[str, Any]:
+    info = served.info
+    return {
+        "id": info.name,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "longembed",
+        "longembed": {
+            "dim": info.dim,
+            "max_tokens": info.max_tokens,
+            "prefixes": info.prefixes,
+            "pooling": info.pooling,
+            "architecture": info.architecture,
+            "revision": info.revision,
+            "device": info.device,
+            "dtype": info.dtype,
+            "matryoshka_dims": list(info.matryoshka_dims),
+            "aliases": sorted(served.aliases - {info.name}),
+        },
+    }
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), exc.status, headers=exc.headers())
+
+
+def _record(host: Host, endpoint: str, response: Response, seconds: float) -> None:
+    m = host.metrics
+    m.requests.labels(endpoint, str(response.status_code)).inc()
+    if response.status_code >= 400:
+        kind = "server_error" if response.status_code >= 500 else f"http_{response.status_code}"
+        m.errors.labels(endpoint, kind).inc()
+    if seconds:
+        m.latency.labels(endpoint).observe(seconds)
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}
+    return "null" if value is None else names.get(type(value), "a string" if isinstance(value, str) else "?")
