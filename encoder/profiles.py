@@ -2,13 +2,17 @@
 
 Prefixes are data, as in sentence-transformers' `prompts`: a model folder's own
 `config_sentence_transformers.json` prompts win; otherwise the family is recognised by name.
+So are the Matryoshka dimensions a family was trained to be truncated to (`truncate_dim`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from longembed.encoder.files import ModelLoadError, read_json_object
 
@@ -20,13 +24,13 @@ KINDS = ("query", "document")
 class Profile:
     pooling: str = "mean"
     prefixes: dict[str, str] = field(default_factory=lambda: {"query": "", "document": ""})
-    # Output sizes the model was trained to be truncated to (Matryoshka representation learning);
-    # empty: a truncated vector of this model is not a meaningful embedding.
+    # Output sizes the model was trained to be truncated to (largest first); () when it was not.
     matryoshka_dims: tuple[int, ...] = ()
 
 
 # Matched against the model name (hub id or folder name), first match wins.
 BGE_QUERY = "Represent this sentence for searching relevant passages: "
+NOMIC_PREFIXES = {"query": "search_query: ", "document": "search_document: "}
 KNOWN_FAMILIES: list[tuple[str, Profile]] = [
     (
         r"(^|/)bge-",
@@ -35,16 +39,9 @@ KNOWN_FAMILIES: list[tuple[str, Profile]] = [
     (r"(^|/)(multilingual-)?e5-", Profile("mean", {"query": "query: ", "document": "passage: "})),
     (
         r"(^|/)nomic-embed-text-v1\.5",
-        Profile(
-            "mean",
-            {"query": "search_query: ", "document": "search_document: "},
-            matryoshka_dims=(768, 512, 256, 128, 64),
-        ),
+        Profile("mean", NOMIC_PREFIXES, matryoshka_dims=(768, 512, 256, 128, 64)),
     ),
-    (
-        r"(^|/)nomic-embed-text",
-        Profile("mean", {"query": "search_query: ", "document": "search_document: "}),
-    ),
+    (r"(^|/)nomic-embed-text", Profile("mean", NOMIC_PREFIXES)),
     (r"(^|/)jina-embeddings-v2", Profile("mean", {"query": "", "document": ""})),
     (r"(^|/)all-minilm", Profile("mean", {"query": "", "document": ""})),
 ]
@@ -65,6 +62,27 @@ def profile_for(name: str, folder: Path) -> Profile:
             prefixes["document"] = prompts[key]
             break
     return Profile(pooling, prefixes, family.matryoshka_dims)
+
+
+def truncate_dim(vectors: np.ndarray, dim: int, allowed: Sequence[int]) -> np.ndarray:
+    """(n, full) embeddings -> (n, dim) float32 by Nomic's published Matryoshka recipe:
+    layer_norm over the full vector (no affine), keep the first `dim` values, L2-normalise.
+
+    layer_norm is a shift by the mean and a division by a per-row scalar, and the final normalisation
+    removes any per-row scalar, so this is exact for the L2-normalised vectors the encoder returns as well
+    as for raw mean-pooled ones. `allowed`: the profile's matryoshka_dims; other sizes are refused."""
+    if dim not in allowed:
+        if not allowed:
+            raise ValueError(
+                "this model was not trained for Matryoshka truncation: dimensions is not supported"
+            )
+        raise ValueError(f"dimensions must be one of {sorted(allowed, reverse=True)}, got {dim!r}")
+    if vectors.ndim != 2 or vectors.shape[1] < dim:
+        raise ValueError(f"expected (n, >= {dim}) embeddings, got shape {vectors.shape}")
+    full = vectors.astype(np.float64)
+    kept = (full - full.mean(axis=1, keepdims=True))[:, :dim]
+    norms = np.linalg.norm(kept, axis=1, keepdims=True)
+    return (kept / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _folder_pooling(folder: Path) -> str | None:

@@ -11,7 +11,7 @@ def connect(dsn: str, *, autocommit: bool = True, application_name: str = "longe
 
     `prepare_threshold=None`: psycopg would otherwise prepare a statement server-side after five runs,
     and PostgreSQL may then reuse a generic plan that sorts the whole table instead of walking the HNSW
-    index (ENVIRONMENT.md, "Cached plans"). Search also sets plan_cache_mode for callers' connections.
+    index (tests/test_search_plan.py). Search also sets plan_cache_mode for callers' connections.
     Autocommit by default: our functions open explicit `conn.transaction()` blocks where they need one.
     `application_name` shows in pg_stat_activity (workers call themselves "longembed worker").
     """
@@ -39,6 +39,18 @@ def require_vector(conn: psycopg.Connection) -> None:
     """Fail clearly where the schema (and with it pgvector) is missing."""
     if not register_vector_if_installed(conn):
         raise RuntimeError("pgvector is not installed in this database: run `longembed migrate` first")
+    row = conn.execute(
+        "SELECT has_schema_privilege(oid, 'USAGE'), current_user "
+        "FROM pg_namespace WHERE nspname = 'longembed'"
+    ).fetchone()
+    if row is None:
+        raise RuntimeError("schema longembed is missing: run `longembed migrate` first")
+    if not row[0]:
+        raise RuntimeError(
+            f"role {row[1]} has no access to schema longembed: the owner grants it with "
+            f"GRANT longembed_reader (search) or longembed_writer (ingest) TO {row[1]}; "
+            "where those roles have no privileges yet, run `longembed migrate` as the owner"
+        )
     row = conn.execute("SELECT to_regclass('longembed.collections') IS NOT NULL").fetchone()
     if not row or not row[0]:
         raise RuntimeError("schema longembed is missing: run `longembed migrate` first")

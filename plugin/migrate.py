@@ -10,8 +10,12 @@ Two kinds of SQL file ship inside the `migrations` package (so they travel with 
   needs (plpython3u for the SQL embed()); the file is skipped with a notice where the server lacks one.
 
 Every transaction first takes one advisory lock, so concurrent migrate runs (two processes starting at
-once) queue up instead of racing; the second finds everything applied. Nothing outside schema
-`longembed` is touched apart from `CREATE EXTENSION vector` (and the extensions a function file requires).
+once) queue up instead of racing; the second finds everything applied. Outside schema `longembed`,
+migrate touches: `CREATE EXTENSION vector` (and the extensions a function file requires), the wrappers
+`public.embed` / `public.search` (functions/025_public_wrappers.sql), the server-wide roles
+`longembed_reader` / `longembed_writer` and the migrating role's default privileges in this database
+(versions/0003_privileges.sql, functions/090_privileges.sql). Notices the SQL raises for the user
+(text starting "longembed:", e.g. roles left out for lack of CREATEROLE) end up in the report.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class MigrationReport:
     already_applied: list[str] = field(default_factory=list)
     functions: list[str] = field(default_factory=list)  # function files (re)run
     skipped: list[str] = field(default_factory=list)  # "file: reason"
+    notices: list[str] = field(default_factory=list)  # "file: message" (RAISE NOTICE 'longembed: ...')
 
 
 def _requires(sql: str) -> tuple[str, ...]:
@@ -156,7 +161,7 @@ def migrate(conn: psycopg.Connection, package: str = "longembed.migrations") -> 
             reason = _missing_extension(conn, file.requires)
             if reason:
                 raise MigrationError(f"migration {file.name} cannot run: {reason}")
-            _run_sql(conn, file)
+            _run_sql(conn, file, report)
             conn.execute(
                 f"INSERT INTO {SCHEMA}.schema_migrations (version, name, sha256) VALUES (%s, %s, %s)",
                 (file.version, file.name, file.sha256),
@@ -170,17 +175,26 @@ def migrate(conn: psycopg.Connection, package: str = "longembed.migrations") -> 
                 report.skipped.append(f"{file.name}: {reason}")
                 log.warning("skipped %s: %s", file.name, reason)
                 continue
-            _run_sql(conn, file)
+            _run_sql(conn, file, report)
             report.functions.append(file.name)
     return report
 
 
-def _run_sql(conn: psycopg.Connection, file: MigrationFile) -> None:
+def _run_sql(conn: psycopg.Connection, file: MigrationFile, report: MigrationReport) -> None:
+    def keep_notice(diag: psycopg.errors.Diagnostic) -> None:
+        message = diag.message_primary or ""
+        if message.startswith("longembed:"):
+            report.notices.append(f"{file.name}: {message}")
+            log.warning("%s: %s", file.name, message)
+
+    conn.add_notice_handler(keep_notice)
     try:
         # A file holds several statements: no parameters, so psycopg sends it as one simple query.
         conn.execute(file.sql.encode())
     except psycopg.Error as exc:
         raise MigrationError(f"migration {file.name} failed: {exc}") from exc
+    finally:
+        conn.remove_notice_handler(keep_notice)
 
 
 def applied_versions(conn: psycopg.Connection) -> dict[str, str]:

@@ -75,23 +75,52 @@ def test_jsonl_with_ids_and_chunks(tmp_path, model, capsys):
 @pytest.mark.parametrize(
     ("content", "extra", "message"),
     [
-        (b"ok\n\xff\xfe broken\n", [], ":2: invalid UTF-8"),
-        (b"\x7fELF\x00\x00\x01binary", [], "binary file"),
-        (b"ok\n\nnext\n", ["--empty", "error"], ":2: empty line"),
-        (b'{"text": "fine"}\n{not json}\n', ["--jsonl"], ":2: invalid JSON"),
-        (b'{"body": "x"}\n', ["--jsonl"], "no 'text' field"),
-        (b'{"text": 42}\n', ["--jsonl"], "must be a string"),
-        (b'["text"]\n', ["--jsonl"], "expected a JSON object"),
-        (b'{"text": "a\\u0000b"}\n', ["--jsonl"], "NUL character"),
+        (b"ok\n\xff\xfe broken\nfine\n", [], ":2: not valid UTF-8"),
+        (b'{"text": "ok"}\n{not json}\n{"text": "fine"}\n', ["--jsonl"], ":2: not valid JSON"),
+        (b'{"text": "ok"}\n{"body": "x"}\n{"text": "fine"}\n', ["--jsonl"], ":2: needs a 'text' field"),
+        (b'{"text": "ok"}\n{"text": 42}\n{"text": "fine"}\n', ["--jsonl"], "holding a string, got int"),
+        (
+            b'{"text": "ok"}\n["text"]\n{"text": "fine"}\n',
+            ["--jsonl"],
+            ":2: a JSONL line must be a JSON object",
+        ),
+        (b'{"text": "ok"}\n{"text": "a\\u0000b"}\n{"text": "fine"}\n', ["--jsonl"], ":2: text: NUL"),
+        (
+            b'{"text": "ok"}\n{"text": "a\\ud800"}\n{"text": "fine"}\n',
+            ["--jsonl"],
+            ":2: text: lone surrogate",
+        ),
+        (
+            b'{"text": "ok"}\n{"id": 1.5, "text": "x"}\n{"text": "fine"}\n',
+            ["--jsonl"],
+            '"id" must be a string',
+        ),
     ],
 )
-def test_bad_input_is_refused_with_its_line(tmp_path, capsys, content, extra, message):
+def test_bad_line_is_skipped_with_its_line_and_the_rest_embedded(tmp_path, capsys, content, extra, message):
     src = tmp_path / "bad.txt"
     src.write_bytes(content)
     out = tmp_path / "out.jsonl"
     code, _, err = run_cli([str(src), "-o", str(out), *extra], capsys)
-    assert code == 2
-    assert message in err
+    assert code == 1  # partial: the bad line was skipped
+    assert f"skipped {src}{message}" in err or (message in err and f"skipped {src}:2" in err), err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 3]  # nothing valid lost, numbering kept
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        (b"\x7fELF\x00\x00\x01binary", [], "binary file"),
+        (b"ok\n\nnext\n", ["--empty", "error"], ":2: empty line"),
+    ],
+)
+def test_unusable_input_is_refused(tmp_path, capsys, content, extra, message):
+    src = tmp_path / "bad.txt"
+    src.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_cli([str(src), "-o", str(out), *extra], capsys)
+    assert code == 2 and err.startswith("longembed: error: ") and message in err
     assert not out.exists()  # nothing half-written
 
 

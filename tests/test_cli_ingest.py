@@ -34,7 +34,7 @@ def test_migrate_and_collection_commands(dsn, capsys):
     assert code == 0 and "applied 0001_init.sql" in out
     code, out, _ = run(capsys, "migrate", "--dsn", dsn)
     assert code == 0 and "up to date" in out
-    code, out, _ = run(capsys, "collection", "create", "manuals", "--chunk-tokens", "64", "--dsn", dsn)
+    code, out, _ = run(capsys, "collection", "create", "-c", "manuals", "--chunk-tokens", "64", "--dsn", dsn)
     assert code == 0 and "created collection manuals" in out and "64 tokens per chunk" in out
     code, _, err = run(capsys, "collection", "create", "manuals", "--dsn", dsn)
     assert code == 2 and "already exists" in err
@@ -47,8 +47,8 @@ def test_migrate_and_collection_commands(dsn, capsys):
     assert [(c["name"], c["dim"], c["chunk_tokens"], c["documents"]) for c in listed] == [
         ("manuals", 384, 64, 0)
     ]
-    code, out, _ = run(capsys, "collection", "drop", "manuals", "--dsn", dsn)
-    assert code == 0 and "dropped" in out
+    code, out, err = run(capsys, "collection", "drop", "manuals", "--dsn", dsn)  # the old positional form
+    assert code == 0 and "dropped" in out and "positional collection name is deprecated" in err
     code, _, err = run(capsys, "collection", "drop", "manuals", "--dsn", dsn)
     assert code == 2 and "no collection named 'manuals'" in err
     assert run(capsys, "collection", "drop", "manuals", "--if-exists", "--dsn", dsn)[0] == 0
@@ -102,7 +102,7 @@ def test_ingest_reports_every_bad_input_and_keeps_the_good(dsn, tmp_path, capsys
         f"{folder}/latin1.txt": "not valid UTF-8 (byte 0xe9 at offset 3)",
         f"{folder}/big.txt": "more than the limit",
         f"{folder}/records.jsonl:4": "not valid JSON",
-        f"{folder}/records.jsonl:5": 'needs "id"',
+        f"{folder}/records.jsonl:5": "needs a 'text' field",
         f"{folder}/records.jsonl:6": "must be a JSON object",
         f"{folder}/records.jsonl:7": "text is empty",
         f"{folder}/records.jsonl:8": "metadata must be a JSON object",
@@ -127,12 +127,12 @@ def test_ingest_reports_every_bad_input_and_keeps_the_good(dsn, tmp_path, capsys
     assert meta[f"{folder}/guide.md"] == {"path": f"{folder}/guide.md", "suffix": ".md"}
 
     code, out, _ = run(
-        capsys, "search", "kb", "how do I change my password", "-k", "2", "--json", "--dsn", dsn
+        capsys, "search", "-c", "kb", "how do I change my password", "-k", "2", "--json", "--dsn", dsn
     )
     assert code == 0 and json.loads(out)[0]["external_id"] == "r1"
-    code, out, _ = run(capsys, "search", "kb", "password", "--filter", '{"lang": "de"}', "--dsn", dsn)
+    code, out, _ = run(capsys, "search", "-c", "kb", "password", "--filter", '{"lang": "de"}', "--dsn", dsn)
     assert code == 0 and out.strip() == "no results"
-    code, _, err = run(capsys, "search", "kb", "password", "--filter", "{lang: en}", "--dsn", dsn)
+    code, _, err = run(capsys, "search", "-c", "kb", "password", "--filter", "{lang: en}", "--dsn", dsn)
     assert code == 2 and "--filter is not valid JSON" in err
 
 
@@ -161,11 +161,16 @@ def test_unknown_collection_and_bad_flags(dsn, tmp_path, capsys):
         capsys, "ingest", str(tmp_path), "-c", 'x"; DROP TABLE t; --', "--create", "--dsn", dsn
     )
     assert code == 2 and "invalid collection name" in err
-    code, _, err = run(capsys, "search", "nope", "query", "--dsn", dsn)
+    code, _, err = run(capsys, "search", "-c", "nope", "query", "--dsn", dsn)
     assert code == 2 and "no collection named 'nope'" in err
-    code, _, err = run(capsys, "worker", "--processes", "0", "--dsn", dsn)
-    assert code == 2 and "--processes must be at least 1" in err
-    code, _, err = run(capsys, "ingest", str(tmp_path), "-c", "kb", "--batch-tokens", "0", "--dsn", dsn)
-    assert code == 2 and "must be positive" in err
-    code, _, err = run(capsys, "search", "kb", "query", "--dsn", "postgresql://nobody@127.0.0.1:1/none")
-    assert code == 2 and "cannot reach the database" in err
+    for argv in (
+        ["worker", "--processes", "0", "--dsn", dsn],
+        ["ingest", str(tmp_path), "-c", "kb", "--batch-tokens", "0", "--dsn", dsn],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    code, _, err = run(capsys, "ingest", str(tmp_path), "-c", "kb", "--lease-seconds", "0", "--dsn", dsn)
+    assert code == 2 and "lease_seconds must be positive" in err
+    code, _, err = run(capsys, "search", "-c", "kb", "query", "--dsn", "postgresql://nobody@127.0.0.1:1/none")
+    assert code == 1 and "longembed: error: cannot reach the database" in err

@@ -49,3 +49,13 @@ def test_commands_are_real_cli_commands(compose):
         args = parser.parse_args(command[1:])
         assert callable(args.run)
     assert compose["services"]["cli"]["entrypoint"] == ["longembed"]
+
+
+def test_dockerignore_keeps_local_state_out_of_images():
+    """`COPY . /opt/longembed` must not carry the venv, the git history or caches into the images."""
+    patterns = {
+        line.strip().rstrip("/")
+        for line in (COMPOSE.parent / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", ".git", "**/__pycache__", "*.npy", "build", "dist"} <= patterns

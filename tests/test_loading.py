@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from longembed.encoder import ModelLoadError, load_model
+from longembed.encoder.loading import ARCHITECTURES
 from longembed.encoder.profiles import BGE_QUERY, profile_for
 from tests.jina_reference import jina_config, minilm_folder, write_checkpoint
 
@@ -453,3 +454,33 @@ def test_hub_cache_snapshot_folder_is_named_by_its_repo(tmp_path):
     model = load_model(minilm_copy(snapshot), device="cpu")
     assert model.info.name == "BAAI/bge-small-en-v1.5"
     assert (model.info.pooling, model.info.prefixes["query"]) == ("cls", BGE_QUERY)
+
+
+# -- the architecture registry ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=lambda a: a.name)
+def test_each_key_map_fills_its_module_exactly(architecture):
+    """The key map is the only list of an architecture's weights: every parameter of the module gets
+    exactly one tensor of its shape (fused ones from their parts), nothing else."""
+    config = architecture.config_class(
+        vocab_size=100, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96
+    )
+    keys = architecture.key_map(config, set())
+    module = architecture.module_class(config)
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    built: dict[str, list[tuple[int, ...]]] = {}
+    for ours, shape in keys.values():
+        built.setdefault(ours, []).append(shape)
+    assert built.keys() == expected.keys()
+    for name, shapes in built.items():
+        fused = (sum(s[0] for s in shapes), *shapes[0][1:])
+        assert fused == expected[name], name
+
+
+def test_registry_names_every_model_type_in_its_refusal(jina):
+    folder, _, _ = jina
+    edit_json(folder / "config.json", model_type="xlm-roberta")
+    message = expect_error(folder, "xlm-roberta")
+    for architecture in ARCHITECTURES:
+        assert architecture.description in message and repr(architecture.model_type) in message

@@ -2,7 +2,7 @@
 
 psycopg prepares a statement server-side after a few executions (here: at once, prepare_threshold=0),
 and a generic plan cannot see the LIMIT or the query vector: on a table big enough for the HNSW index to
-matter, PostgreSQL's generic plan sorts every row (ENVIRONMENT.md). search() goes through
+matter, PostgreSQL's generic plan sorts every row. search() goes through
 longembed.search_vector, which EXECUTEs its statement (planned afresh each call). auto_explain reports the
 plan each execution really used, nested statements included, as a notice to the client.
 Vectors are random unit vectors: only the plan matters here, not their meaning.
@@ -30,10 +30,12 @@ DIM = 384
 @dataclasses.dataclass(frozen=True)
 class RandomVectors:
     name: str = "random-unit-vectors"
+    source: str = "random-unit-vectors"
     revision: str = "seed-0"
     dim: int = DIM
     max_tokens: int = 256
-    architecture: str = "none"
+    pooling: str = "mean"
+    prefixes: dict = dataclasses.field(default_factory=lambda: {"query": "", "document": ""})
 
 
 @pytest.fixture(scope="module")

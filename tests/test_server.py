@@ -34,6 +34,7 @@ from longembed.plugin.embedded.server import (
     bundled_pginstall,
     resolve_dsn,
 )
+from longembed.plugin.settings import SettingsError
 
 AS_ROOT = os.geteuid() == 0
 
@@ -222,7 +223,7 @@ def test_private_directories_and_files(home):
     server.start()
     for folder in (home, home / "pg", home / "run", home / "log"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
-    for private in (home / "password", home / "server.json"):
+    for private in (home / "password", home / "app-password", home / "server.json"):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
     owner = pwd.getpwuid((home / "pg").stat().st_uid).pw_name
     assert owner == server.run_as
@@ -333,7 +334,7 @@ def test_cli_up_status_dsn_psql_down(home, monkeypatch, capsys):
     code, out, _ = cli("status")
     assert code == 3 and "not set up" in out
     code, _, err = cli("dsn")
-    assert code == 2 and "longembed up" in err
+    assert code == 1 and err.startswith("longembed: error: ") and "longembed up" in err
 
     code, out, _ = cli("up")
     assert code == 0 and "started PostgreSQL on 127.0.0.1:" in out
@@ -413,7 +414,7 @@ def test_hostile_or_overlong_home_is_refused_before_anything_is_written(name):
 
 def test_bad_port_setting_is_a_clear_error(home, monkeypatch):
     monkeypatch.setenv("LONGEMBED_PORT", "54x")
-    with pytest.raises(ServerError, match="LONGEMBED_PORT must be a number"):
+    with pytest.raises(SettingsError, match="LONGEMBED_PORT must be a number"):
         EmbeddedServer(home).start()
 
 
@@ -425,10 +426,13 @@ def test_resolve_dsn_order(home, monkeypatch):
         resolve_dsn(argparse.Namespace(dsn=None))
     server = EmbeddedServer(home, durable=False)
     server.start()
-    assert resolve_dsn(argparse.Namespace(dsn=None)) == server.dsn()
-    assert resolve_dsn(None) == server.dsn()
+    # The application role for the data commands, the superuser for migrate (admin=True).
+    assert resolve_dsn(argparse.Namespace(dsn=None)) == server.app_dsn() != server.dsn()
+    assert resolve_dsn(None) == server.app_dsn()
+    assert resolve_dsn(None, admin=True) == server.dsn()
     monkeypatch.setenv("LONGEMBED_DSN", "postgresql://elsewhere/db")
     assert resolve_dsn(argparse.Namespace(dsn=None)) == "postgresql://elsewhere/db"
+    assert resolve_dsn(argparse.Namespace(dsn=None), admin=True) == "postgresql://elsewhere/db"
     assert resolve_dsn(argparse.Namespace(dsn="host=explicit")) == "host=explicit"
 
 
@@ -444,3 +448,30 @@ def test_memory_is_sized_to_the_machine(pg_dsn):
             "WHERE name = 'shared_buffers'"
         ).fetchone()
     assert size == expected_mib << 20
+
+
+def test_existing_folder_that_is_not_ours_is_refused_untouched():
+    """LONGEMBED_HOME naming someone's non-empty folder: refused before any chmod or chown."""
+    folder = Path(tempfile.mkdtemp(prefix="longembed-foreign-"))
+    try:
+        os.chmod(folder, 0o755)
+        (folder / "notes.txt").write_text("someone else's file\n")
+        before = folder.stat()
+        with pytest.raises(ServerError, match="not a longembed home"):
+            EmbeddedServer(folder, durable=False).start()
+        after = folder.stat()
+        assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == (
+            0o755,
+            before.st_uid,
+            before.st_gid,
+        )
+        assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # no run/, log/, password
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_existing_empty_folder_is_taken_over(home):
+    home.mkdir(mode=0o755)
+    server = EmbeddedServer(home, durable=False)
+    server.start()
+    assert server.status().running and stat.S_IMODE(home.stat().st_mode) == 0o700

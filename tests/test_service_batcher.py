@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from longembed.plugin.models import get_model
 from longembed.plugin.service.batcher import INGESTION, INTERACTIVE, Batcher, BatcherStopped, QueueFull
@@ -211,4 +212,7 @@ def test_matryoshka_dimensions_truncate_and_renormalise(model, tmp_path):
         batcher.stop()
     full = model.embed(["truncate me"])[0]
     assert result.vectors.shape == (1, 128)
-    assert np.abs(result.vectors[0] - full[:128] / np.linalg.norm(full[:128])).max() < 1e-5
+    # Nomic's published recipe: layer_norm over the full vector (no affine), keep the head, normalise.
+    normed = torch.nn.functional.layer_norm(torch.from_numpy(full)[None], (full.shape[0],))[0, :128]
+    want = torch.nn.functional.normalize(normed, dim=0).numpy()
+    assert np.abs(result.vectors[0] - want).max() < 1e-5

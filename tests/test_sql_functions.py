@@ -223,7 +223,7 @@ def test_order_by_embed_uses_the_hnsw_index(conn, vectors_table, function):
 
 
 def test_prepared_statement_keeps_the_index_after_the_generic_plan_kicks_in(conn, vectors_table):
-    """PostgreSQL may switch a prepared statement to a generic plan after five runs (ENVIRONMENT.md):
+    """PostgreSQL may switch a prepared statement to a generic plan after five runs (plan_cache_mode = auto):
     with embed($1) the query vector is unknown at plan time, and the plan must still walk the index."""
     conn.execute("PREPARE nearest(text) AS SELECT id FROM items ORDER BY v <=> embed($1) LIMIT 10")
     try:

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -285,3 +286,96 @@ def test_worker_reconnects_after_losing_its_connection(conn, dsn, model):
     assert worker.returncode == 0, err
     assert "database connection lost" in err and "reconnecting" in err
     assert_all_embedded_once(conn, collection, 30)
+
+
+class Recording:
+    """The real model; each embed call records how many items of the queue were leased meanwhile and how
+    many texts it got, then waits `delay` seconds (a slow batch)."""
+
+    def __init__(self, model, dsn: str, delay: float = 0.0):
+        self.model, self.info, self.dsn, self.delay = model, model.info, dsn, delay
+        self.calls: list[tuple[int, int]] = []
+
+    def count_tokens(self, texts):
+        return self.model.count_tokens(texts)
+
+    def embed_chunks(self, texts, **kwargs):
+        with connect(self.dsn) as other:
+            (leased,) = other.execute(
+                "SELECT count(*) FROM longembed.queue WHERE leased_until > now()"
+            ).fetchone()
+        self.calls.append((leased, len(texts)))
+        time.sleep(self.delay)
+        return self.model.embed_chunks(texts, **kwargs)
+
+
+def test_claims_what_fits_the_token_budget(conn, dsn, model):
+    """~14-token notes and a 60-token budget: a worker leases about 4 of them, not 64, so a crash
+    strands only what it was embedding, and only those are charged an attempt."""
+    collection = create_collection(conn, "fits", model.info)
+    add_documents(conn, collection, short_docs("f", 40))
+    recording = Recording(model, dsn)
+    worker = Worker(conn, recording, WorkerConfig(batch_tokens=60), ["fits"])
+    stats = worker.run_once()
+    assert 1 <= stats.embedded <= 5
+    assert recording.calls == [(stats.embedded, stats.embedded)]  # leased = being embedded
+    untouched = conn.execute(
+        "SELECT count(*) FROM longembed.queue "
+        "WHERE collection_id = %s AND attempts = 0 AND lease_token IS NULL",
+        (collection.id,),
+    ).fetchone()[0]
+    assert untouched == 40 - stats.embedded
+    worker.drain()
+    assert_all_embedded_once(conn, collection, 40)
+    assert all(leased == texts for leased, texts in recording.calls), recording.calls
+
+
+def test_failed_write_keeps_the_release_of_what_did_not_fit(conn, model):
+    """The write of a batch fails (a deadlock, injected by a trigger): the items claimed but not in the
+    batch are claimable again at once, without an attempt charged."""
+    collection = create_collection(conn, "deadlock", model.info)
+    # Two bytes per token: the first claim (sized in bytes at ~4 bytes per token) takes twice what fits.
+    add_documents(conn, collection, [Document(f"k{i}", "7 " * 20) for i in range(6)])
+    conn.execute(
+        """CREATE FUNCTION pg_temp.fail_write() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'injected deadlock' USING ERRCODE = 'deadlock_detected'; END $$"""
+    )
+    conn.execute(
+        sql.SQL(
+            "CREATE TRIGGER fail_write BEFORE INSERT ON {} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.fail_write()"
+        ).format(collection.chunk_table)
+    )
+    stats = Worker(conn, model, WorkerConfig(batch_tokens=60, backoff_base=60), ["deadlock"]).run_once()
+    assert stats.embedded == 0 and stats.retrying == 3  # the 3 documents that fit 60 tokens
+    rows = conn.execute(
+        """SELECT document_id, attempts, leased_until IS NULL, next_attempt_at <= now()
+           FROM longembed.queue WHERE collection_id = %s ORDER BY document_id""",
+        (collection.id,),
+    ).fetchall()
+    failed = [r for r in rows if r[1] == 1]
+    released = [r for r in rows if r[1] == 0]
+    assert len(failed) == 3 and len(released) == 3, rows
+    assert all(r[2] and r[3] for r in released)  # not leased, ready now
+    again = queue.claim(conn, queue.new_token(), [collection.id], limit=10, lease_seconds=60)
+    assert sorted(item.document_id for item in again) == [r[0] for r in released]
+
+
+def test_leases_are_renewed_while_a_slow_batch_embeds(conn, dsn, model):
+    """A 1-second lease and a batch that takes 3 seconds: nobody else can claim it meanwhile, and its
+    results are written, not dropped."""
+    collection = create_collection(conn, "slow", model.info)
+    add_documents(conn, collection, short_docs("w", 3))
+    worker = Worker(conn, Recording(model, dsn, delay=3.0), WorkerConfig(lease_seconds=1.0), ["slow"])
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(worker.run_once()))
+    thread.start()
+    try:
+        time.sleep(1.8)  # the first lease ran out long ago without a heartbeat
+        with connect(dsn) as other:
+            stolen = queue.claim(other, queue.new_token(), [collection.id], limit=10, lease_seconds=60)
+    finally:
+        thread.join()
+    assert stolen == []
+    assert (done[0].embedded, done[0].dropped) == (3, 0)
+    assert_all_embedded_once(conn, collection, 3)

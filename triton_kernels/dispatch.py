@@ -26,14 +26,19 @@ from types import ModuleType
 
 import torch
 
-from longembed.triton_kernels.torch_ops import mean_pool_normalize_torch, varlen_attention_torch
+from longembed.triton_kernels.torch_ops import (
+    mean_pool_normalize_torch,
+    rotary_qk_torch_,
+    varlen_attention_torch,
+)
 
 _CHOICES = ("auto", "triton", "torch")
-_KERNEL_MODULES = ("flash_attention", "pooling")
+_KERNEL_MODULES = ("flash_attention", "pooling", "rotary")
 # What the kernels accept (flash_attention.HEAD_DIMS, pooling.MAX_DIM), restated so that `auto` can
 # decide without importing triton, which CPU installs may lack.
 _ATTENTION_HEAD_DIMS = (32, 64, 128)
 _POOLING_MAX_DIM = 4096
+_ROTARY_MAX_HEAD_DIM = 256
 
 
 def _choice() -> str:
@@ -87,7 +92,7 @@ def _interpreted_modules() -> dict[str, ModuleType]:
 
 
 def triton_modules(device: torch.device) -> dict[str, ModuleType]:
-    """The kernel modules for tensors on `device`: {'flash_attention': ..., 'pooling': ...}."""
+    """The kernel modules for tensors on `device`: {'flash_attention': ..., 'pooling': ..., 'rotary': ...}."""
     if not triton_available():
         raise RuntimeError(
             "LONGEMBED_KERNELS=triton needs the `triton` package (pip install 'longembed[gpu]')"
@@ -101,10 +106,12 @@ def triton_modules(device: torch.device) -> dict[str, ModuleType]:
         )
     import longembed.triton_kernels.flash_attention
     import longembed.triton_kernels.pooling
+    import longembed.triton_kernels.rotary
 
     return {
         "flash_attention": longembed.triton_kernels.flash_attention,
         "pooling": longembed.triton_kernels.pooling,
+        "rotary": longembed.triton_kernels.rotary,
     }
 
 
@@ -129,3 +136,13 @@ def mean_pool_normalize(hidden: torch.Tensor, spans: torch.Tensor) -> torch.Tens
     if _use_triton(hidden.device, hidden.dtype, hidden.shape[-1] <= _POOLING_MAX_DIM):
         return triton_modules(hidden.device)["pooling"].segment_mean_pool_normalize(hidden, spans)
     return mean_pool_normalize_torch(hidden, spans)
+
+
+def rotary_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotary positions on q and k of a packed (T, 3, heads, head_dim) projection, in place;
+    cos, sin: (T, head_dim / 2) fp32 tables."""
+    head_dim = qkv.shape[-1]
+    if _use_triton(qkv.device, qkv.dtype, head_dim % 2 == 0 and head_dim <= _ROTARY_MAX_HEAD_DIM):
+        triton_modules(qkv.device)["rotary"].rotary_qk_(qkv, cos, sin)
+    else:
+        rotary_qk_torch_(qkv, cos, sin)

@@ -231,10 +231,24 @@ BEGIN
         RAISE EXCEPTION 'longembed: no collection named %', quote_literal(collection)
             USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM longembed.collections';
     END IF;
-    RETURN (longembed.host_embed(ARRAY[query], 'query', c.model_name, c.query_prefix, c.dim,
+    RETURN (longembed.host_embed(ARRAY[query], 'query', c.model_source, c.query_prefix, c.dim,
                                  c.model_revision))[1];
 END;
 $body$;
+
+-- Schema version 2 added `truncated` to the result: drop an older definition first (CREATE OR REPLACE
+-- cannot change result columns); CASCADE takes the public wrapper depending on it, recreated below.
+DO $do$
+BEGIN
+    IF to_regprocedure('longembed.search(text,text,integer,jsonb,boolean,integer)') IS NOT NULL
+       AND NOT EXISTS (
+           SELECT 1 FROM pg_proc
+           WHERE oid = to_regprocedure('longembed.search(text,text,integer,jsonb,boolean,integer)')
+             AND 'truncated' = ANY(proargnames)) THEN
+        DROP FUNCTION longembed.search(text, text, integer, jsonb, boolean, integer) CASCADE;
+    END IF;
+END;
+$do$;
 
 -- Top-k documents of a collection for a text query: the same rows as longembed.plugin.store.search.search() and
 -- `longembed search` (all three end in longembed.search_vector / search_hybrid, 015_search.sql).
@@ -242,7 +256,7 @@ CREATE OR REPLACE FUNCTION longembed.search(
     collection text, query text, k integer DEFAULT 10, filter jsonb DEFAULT NULL,
     hybrid boolean DEFAULT false, ef_search integer DEFAULT NULL)
 RETURNS TABLE (external_id text, score double precision, chunk_ordinal integer, char_start integer,
-               char_end integer, snippet text, metadata jsonb)
+               char_end integer, snippet text, metadata jsonb, truncated boolean)
 LANGUAGE plpgsql
 AS $body$
 BEGIN
@@ -259,50 +273,3 @@ BEGIN
     END IF;
 END;
 $body$;
-
--- Unqualified names: wrappers in schema public, unless the user already has a function of that name and
--- signature there (ours carry a comment starting with 'longembed:'), which is then left alone.
-DO $do$
-DECLARE
-    wrapper record;
-BEGIN
-    IF to_regnamespace('public') IS NULL THEN
-        RAISE NOTICE 'longembed: schema public is missing; call longembed.embed() and longembed.search()';
-        RETURN;
-    END IF;
-    FOR wrapper IN
-        SELECT * FROM (VALUES
-            ('public.embed(text,text)', $f$
-                CREATE OR REPLACE FUNCTION public.embed(input text, kind text DEFAULT 'query')
-                RETURNS vector LANGUAGE sql STRICT STABLE PARALLEL RESTRICTED
-                RETURN longembed.embed(input, kind)$f$),
-            ('public.embed(text[],text)', $f$
-                CREATE OR REPLACE FUNCTION public.embed(inputs text[], kind text DEFAULT 'query')
-                RETURNS vector[] LANGUAGE sql STRICT STABLE PARALLEL RESTRICTED
-                RETURN longembed.embed(inputs, kind)$f$),
-            ('public.search(text,text,integer,jsonb,boolean,integer)', $f$
-                CREATE OR REPLACE FUNCTION public.search(
-                    collection text, query text, k integer DEFAULT 10, filter jsonb DEFAULT NULL,
-                    hybrid boolean DEFAULT false, ef_search integer DEFAULT NULL)
-                RETURNS TABLE (external_id text, score double precision, chunk_ordinal integer,
-                               char_start integer, char_end integer, snippet text, metadata jsonb)
-                LANGUAGE sql
-                BEGIN ATOMIC
-                    SELECT * FROM longembed.search(collection, query, k, filter, hybrid, ef_search);
-                END$f$)
-        ) AS w(signature, ddl)
-    LOOP
-        IF to_regprocedure(wrapper.signature) IS NOT NULL
-           AND coalesce(obj_description(to_regprocedure(wrapper.signature), 'pg_proc'), '')
-               NOT LIKE 'longembed:%' THEN
-            RAISE NOTICE 'longembed: % exists and is not ours; left alone (use the longembed. names)',
-                wrapper.signature;
-            CONTINUE;
-        END IF;
-        EXECUTE wrapper.ddl;
-        EXECUTE format('COMMENT ON FUNCTION %s IS %L', wrapper.signature,
-                       'longembed: unqualified wrapper of longembed.' || split_part(
-                           split_part(wrapper.signature, '(', 1), '.', 2) || '()');
-    END LOOP;
-END;
-$do$;

@@ -1,11 +1,14 @@
-"""The `longembed` command: one argparse tree, each command group in its own module."""
+"""The `longembed` command: one argparse tree, each command group in its own module.
+
+Every command runs under one error policy and one set of exit codes (plugin/cli/errors.py); the
+options several commands share are defined once (plugin/cli/options.py).
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from longembed.plugin.cli import data, embed, quickstart, serve, server
+from longembed.plugin.cli import data, embed, errors, quickstart, serve, server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +27,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return errors.run_command(args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import multiprocessing
@@ -13,126 +12,147 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict
 
 import psycopg
 
+from longembed.encoder.chunking import DEFAULT_CHUNK_TOKENS
 from longembed.plugin import db
+from longembed.plugin.cli import errors, options
 from longembed.plugin.embedded.server import resolve_dsn
-from longembed.plugin.store.collections import CollectionNotFound
 
-EXIT_ERROR = 1  # inputs skipped or documents failed
-EXIT_USAGE = 2  # bad arguments, unknown collection, no database
+INGEST_BATCH = 256  # documents per add_documents call (one transaction)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this module's subcommands; each sets `run=callable(args) -> int`."""
     p = sub.add_parser("migrate", help="create or upgrade schema longembed in the database")
-    _dsn_option(p)
+    options.dsn(p)
     p.set_defaults(run=_cmd_migrate)
 
     p = sub.add_parser("collection", help="create, list or drop collections")
     csub = p.add_subparsers(dest="collection_command", required=True, metavar="ACTION")
     c = csub.add_parser("create", help="create a collection (model, chunking, index parameters)")
-    c.add_argument("name")
+    options.collection(c, deprecated_positional=True)
     _collection_options(c)
-    _dsn_option(c)
+    options.dsn(c)
     c.set_defaults(run=_cmd_collection_create)
     c = csub.add_parser("list", help="list collections with document counts")
     c.add_argument("--json", action="store_true", help="print JSON")
-    _dsn_option(c)
+    options.dsn(c)
     c.set_defaults(run=_cmd_collection_list)
     c = csub.add_parser("drop", help="drop a collection with its documents and vectors")
-    c.add_argument("name")
+    options.collection(c, deprecated_positional=True)
     c.add_argument("--if-exists", action="store_true", help="no error when it does not exist")
-    _dsn_option(c)
+    options.dsn(c)
     c.set_defaults(run=_cmd_collection_drop)
 
     p = sub.add_parser("ingest", help="add files, folders, JSONL or stdin to a collection and embed them")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files, folders, or - for stdin")
-    p.add_argument("--collection", "-c", required=True)
+    options.collection(p)
     p.add_argument(
         "--format",
         choices=("auto", "text", "jsonl"),
         default="auto",
-        help="auto: .jsonl/.ndjson are JSONL, other files and stdin text",
+        help="auto: .jsonl/.ndjson are JSONL, other files and stdin one text each",
     )
+    p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--create", action="store_true", help="create the collection when it does not exist")
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the documents of files deleted from the folders given (JSONL records stay)",
+    )
     p.add_argument("--no-wait", action="store_true", help="only queue the documents; a worker embeds them")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    options.progress(p, "on when stderr is a terminal")
     _collection_options(p)
     _worker_options(p)
-    _dsn_option(p)
+    options.dsn(p)
     p.set_defaults(run=_cmd_ingest)
 
     p = sub.add_parser("search", help="top-k documents of a collection for a query")
-    p.add_argument("collection")
+    options.collection(p, deprecated_positional=True)
     p.add_argument("query")
-    p.add_argument("-k", type=int, default=10, help="number of documents (default 10)")
+    p.add_argument("-k", type=options.positive_int, default=10, help="number of documents (default 10)")
     p.add_argument("--filter", help='metadata the documents must contain, as JSON: \'{"lang": "en"}\'')
     p.add_argument("--hybrid", action="store_true", help="fuse with full-text ranking (RRF)")
-    p.add_argument("--ef-search", type=int, help="HNSW ef_search for this query (recall vs speed)")
+    p.add_argument(
+        "--ef-search", type=options.positive_int, help="HNSW ef_search for this query (recall vs speed)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
-    _dsn_option(p)
+    options.dsn(p)
     p.set_defaults(run=_cmd_search)
 
     p = sub.add_parser("worker", help="embed queued documents (runs until SIGTERM, or --once)")
-    p.add_argument("--collection", "-c", action="append", help="only these collections (repeatable)")
-    p.add_argument("-n", "--processes", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--collection", "-c", metavar="NAME", action="append", help="only these collections (repeatable)"
+    )
+    p.add_argument(
+        "-n", "--processes", type=options.positive_int, default=1, help="worker processes (default 1)"
+    )
     p.add_argument("--once", action="store_true", help="exit when nothing is ready instead of polling")
-    p.add_argument("--model", help="model to load (default: the bundled one)")
+    options.model(
+        p,
+        "the model to load; the worker embeds the collections made with it "
+        + "(default: the bundled all-MiniLM-L6-v2)",
+    )
     _worker_options(p)
-    _dsn_option(p)
+    options.dsn(p)
     p.set_defaults(run=_cmd_worker)
 
 
-def _dsn_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dsn", help="PostgreSQL connection string (default: $LONGEMBED_DSN, else the embedded server)"
+def _collection_options(p: argparse.ArgumentParser) -> None:
+    # Absent unless given (SUPPRESS): create_collection's defaults apply, and `ingest` can tell a
+    # setting asked for an existing collection from one left out.
+    g = p.add_argument_group("collection settings (when it is created)")
+    options.model(g)
+    unset = argparse.SUPPRESS
+    g.add_argument("--mode", choices=("full", "chunk", "late"), default=unset, help="default: chunk")
+    g.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=unset,
+        help=f"tokens per chunk (default: {DEFAULT_CHUNK_TOKENS}, or what fits next to the document prefix)",
+    )
+    g.add_argument("--overlap", type=int, default=unset, help="tokens shared by neighbouring chunks (32)")
+    g.add_argument("--distance", choices=("cosine", "l2", "ip"), default=unset, help="default: cosine")
+    g.add_argument("--hnsw-m", type=int, default=unset, help="default: 16")
+    g.add_argument("--hnsw-ef-construction", type=int, default=unset, help="default: 64")
+    g.add_argument("--query-prefix", default=unset, help="text put before queries (default: the model's)")
+    g.add_argument(
+        "--document-prefix", default=unset, help="text put before documents (default: the model's)"
+    )
+    g.add_argument(
+        "--text-search-config", default=unset, help="PostgreSQL text search configuration (english)"
     )
 
 
-def _collection_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("collection settings (create)")
-    g.add_argument("--model", dest="model", help="model name or folder (default: the bundled MiniLM)")
-    g.add_argument("--mode", choices=("full", "chunk", "late"), default="chunk")
-    g.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: what fits the model)")
-    g.add_argument("--overlap", type=int, default=32, help="tokens shared by neighbouring chunks")
-    g.add_argument("--distance", choices=("cosine", "l2", "ip"), default="cosine")
-    g.add_argument("--hnsw-m", type=int, default=16)
-    g.add_argument("--hnsw-ef-construction", type=int, default=64)
-    g.add_argument("--query-prefix", help="text put before queries (default: the model's)")
-    g.add_argument("--document-prefix", help="text put before documents (default: the model's)")
-    g.add_argument("--text-search-config", default="english", help="PostgreSQL text search configuration")
+COLLECTION_SETTINGS = (
+    "mode",
+    "chunk_tokens",
+    "overlap",
+    "distance",
+    "hnsw_m",
+    "hnsw_ef_construction",
+    "query_prefix",
+    "document_prefix",
+    "text_search_config",
+)
+
+
+def _given_settings(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in COLLECTION_SETTINGS if hasattr(args, name)}
 
 
 def _worker_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("worker settings")
-    g.add_argument("--batch-tokens", type=int, default=16384, help="tokens per batch and write transaction")
+    options.batch_tokens(g)
     g.add_argument("--lease-seconds", type=float, default=600.0, help="how long a claimed batch is ours")
     g.add_argument("--max-attempts", type=int, default=5, help="tries before a document is parked as failed")
 
 
-def _errors_to_exit_codes(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Expected failures print one line on stderr (no traceback) and exit with EXIT_USAGE."""
-
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (CollectionNotFound, ValueError, RuntimeError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except psycopg.OperationalError as exc:
-            print(f"error: cannot reach the database: {str(exc).strip()}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return run
-
-
-def _connect(args: argparse.Namespace, *, schema: bool = True) -> psycopg.Connection:
-    conn = db.connect(resolve_dsn(args))
+def _connect(args: argparse.Namespace, *, schema: bool = True, admin: bool = False) -> psycopg.Connection:
+    conn = db.connect(resolve_dsn(args, admin=admin))
     if schema:
         try:
             db.require_vector(conn)
@@ -142,11 +162,10 @@ def _connect(args: argparse.Namespace, *, schema: bool = True) -> psycopg.Connec
     return conn
 
 
-@_errors_to_exit_codes
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from longembed.plugin.migrate import migrate
 
-    with _connect(args, schema=False) as conn:
+    with _connect(args, schema=False, admin=True) as conn:
         report = migrate(conn)
     for name in report.applied:
         print(f"applied {name}")
@@ -155,6 +174,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     print(f"functions: {', '.join(report.functions) or 'none'}")
     for line in report.skipped:
         print(f"notice: skipped {line}", file=sys.stderr)
+    for line in report.notices:
+        print(f"notice: {line}", file=sys.stderr)
     return 0
 
 
@@ -162,29 +183,15 @@ def _create_from_args(conn: psycopg.Connection, name: str, args: argparse.Namesp
     from longembed.plugin.models import get_model
     from longembed.plugin.store.collections import create_collection
 
-    return create_collection(
-        conn,
-        name,
-        get_model(args.model).info,
-        mode=args.mode,
-        chunk_tokens=args.chunk_tokens,
-        overlap=args.overlap,
-        query_prefix=args.query_prefix,
-        document_prefix=args.document_prefix,
-        distance=args.distance,
-        hnsw_m=args.hnsw_m,
-        hnsw_ef_construction=args.hnsw_ef_construction,
-        text_search_config=args.text_search_config,
-    )
+    return create_collection(conn, name, get_model(args.model), **_given_settings(args))
 
 
-@_errors_to_exit_codes
 def _cmd_collection_create(args: argparse.Namespace) -> int:
     from longembed.plugin.store.collections import validate_name
 
-    validate_name(args.name)  # before loading a model
+    name = validate_name(options.resolve_collection(args))  # before loading a model
     with _connect(args) as conn:
-        collection = _create_from_args(conn, args.name, args)
+        collection = _create_from_args(conn, name, args)
     print(
         f"created collection {collection.name}: {collection.model_name} ({collection.dim}-d), "
         f"mode {collection.mode}, {collection.chunk_tokens} tokens per chunk, {collection.distance}"
@@ -192,7 +199,6 @@ def _cmd_collection_create(args: argparse.Namespace) -> int:
     return 0
 
 
-@_errors_to_exit_codes
 def _cmd_collection_list(args: argparse.Namespace) -> int:
     from longembed.plugin.store.collections import collection_stats, list_collections
 
@@ -210,7 +216,7 @@ def _cmd_collection_list(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     if not rows:
-        print("no collections (create one with `longembed collection create NAME` or `ingest --create`)")
+        print("no collections (create one with `longembed collection create -c NAME` or `ingest --create`)")
         return 0
     print(
         f"{'name':<20} {'model':<40} {'dim':>5} {'mode':<6} {'docs':>8} {'queued':>7} {'failed':>7} "
@@ -224,81 +230,135 @@ def _cmd_collection_list(args: argparse.Namespace) -> int:
     return 0
 
 
-@_errors_to_exit_codes
 def _cmd_collection_drop(args: argparse.Namespace) -> int:
-    from longembed.plugin.store.collections import drop_collection
+    from longembed.plugin.store.collections import drop_collection, validate_name
 
+    name = validate_name(options.resolve_collection(args))  # before connecting
     with _connect(args) as conn:
-        dropped = drop_collection(conn, args.name, missing_ok=args.if_exists)
-    print(f"dropped collection {args.name}" if dropped else f"no collection named {args.name}")
+        dropped = drop_collection(conn, name, missing_ok=args.if_exists)
+    print(f"dropped collection {name}" if dropped else f"no collection named {name}")
     return 0
 
 
-def _worker_config(args: argparse.Namespace):
+def _worker_settings(args: argparse.Namespace) -> dict:
+    """The worker flags, checked before any work; the batch budget is settled once the model is loaded."""
     from longembed.plugin.pipeline.worker import WorkerConfig
 
-    return WorkerConfig(
-        batch_tokens=args.batch_tokens, lease_seconds=args.lease_seconds, max_attempts=args.max_attempts
-    )
+    settings = {"lease_seconds": args.lease_seconds, "max_attempts": args.max_attempts}
+    WorkerConfig(**settings)  # raises ValueError on bad values
+    return settings | {"batch_tokens": args.batch_tokens}
 
 
-@_errors_to_exit_codes
+def _worker_config(settings: dict, model):
+    from longembed.encoder.model import DEFAULT_BATCH_TOKENS
+    from longembed.plugin.pipeline.worker import WorkerConfig
+
+    budget = settings["batch_tokens"] or DEFAULT_BATCH_TOKENS.get(model.device.type, 16384)
+    return WorkerConfig(**(settings | {"batch_tokens": budget}))
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from longembed.plugin.migrate import applied_versions, migrate
-    from longembed.plugin.pipeline.ingest import Skipped, iter_inputs
+    from longembed.plugin.models import get_model
+    from longembed.plugin.pipeline.ingest import Skipped, iter_inputs, prune_missing_files
+    from longembed.plugin.pipeline.worker import incompatibility
     from longembed.plugin.store.collections import get_collection, validate_name
-    from longembed.plugin.store.documents import add_documents
 
     validate_name(args.collection)
-    config = _worker_config(args)  # validates the worker flags before any work
+    settings = _worker_settings(args)
+    progress = args.progress if args.progress is not None else sys.stderr.isatty()
     with _connect(args, schema=False) as conn:
         if args.create and not applied_versions(conn):
-            migrate(conn)
+            with _connect(args, schema=False, admin=True) as admin:
+                migrate(admin)
         db.require_vector(conn)
         collection = get_collection(conn, args.collection, missing_ok=args.create)
         if collection is None:
             collection = _create_from_args(conn, args.collection, args)
             print(f"created collection {collection.name} ({collection.model_name}, {collection.dim}-d)")
+        else:
+            _check_settings(collection, args)
+        if args.model is not None and args.model not in (collection.model_source, collection.model_name):
+            # --model names the collection's model; another one would embed into the wrong space.
+            mismatch = incompatibility(collection, get_model(args.model).info)
+            if mismatch:
+                raise errors.UsageError(f"--model {args.model}: {mismatch}; leave out --model to use it")
 
         outcomes: Counter = Counter()
-        problems: list = []
-        ignored: list = []
+        problems: list[Skipped] = []
+        ignored: list[Skipped] = []
         batch: list = []
-        with tqdm(desc="queue", unit="doc", disable=args.no_progress, file=sys.stderr) as bar:
-            for item in iter_inputs(args.paths, fmt=args.format, stdin=sys.stdin.buffer):
+        with tqdm(desc="queue", unit="doc", disable=not progress, file=sys.stderr) as bar:
+            inputs = iter_inputs(args.paths, fmt=args.format, stdin=sys.stdin.buffer, field=args.field)
+            for item in inputs:
                 if isinstance(item, Skipped):
                     (ignored if item.reason.startswith("not a text or JSONL") else problems).append(item)
                     continue
                 batch.append(item)
-                if len(batch) >= 256:
-                    outcomes += add_documents(conn, collection, batch).counts
+                if len(batch) >= INGEST_BATCH:
+                    outcomes += _add(conn, collection, batch, problems)
                     bar.update(len(batch))
                     batch = []
             if batch:
-                outcomes += add_documents(conn, collection, batch).counts
+                outcomes += _add(conn, collection, batch, problems)
                 bar.update(len(batch))
         print(
             f"{sum(outcomes.values())} documents: {outcomes['inserted']} new, {outcomes['updated']} changed, "
             f"{outcomes['requeued']} re-queued, {outcomes['unchanged']} unchanged"
         )
+        if args.prune:
+            pruned = prune_missing_files(conn, collection, args.paths)
+            print(f"pruned {len(pruned)} documents of deleted files")
         for item in problems:
             print(f"skipped {item.source}: {item.reason}", file=sys.stderr)
         if ignored:
             print(f"ignored {len(ignored)} files of other types (e.g. {ignored[0].source})", file=sys.stderr)
         failed = 0
         if not args.no_wait:
-            failed = _embed_inline(conn, collection, config, quiet=args.no_progress)
+            failed = _embed_inline(conn, collection, settings, progress=progress)
     if problems or failed:
-        return EXIT_ERROR
-    if not outcomes:
+        return errors.FAILURE
+    if not outcomes and not args.prune:
         print("nothing to ingest", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+        return errors.FAILURE
+    return errors.OK
 
 
-def _embed_inline(conn: psycopg.Connection, collection, config, *, quiet: bool) -> int:
+def _check_settings(collection, args: argparse.Namespace) -> None:
+    """Settings given for an existing collection must be its own: they apply only when it is created."""
+    differ = [
+        f"--{name.replace('_', '-')} {value} (it has {getattr(collection, name)})"
+        for name, value in _given_settings(args).items()
+        if getattr(collection, name) != value
+    ]
+    if differ:
+        raise errors.UsageError(
+            f"collection {collection.name} exists; {', '.join(differ)}: settings apply only when a "
+            "collection is created (drop it, or ingest into a new one)"
+        )
+
+
+def _add(conn: psycopg.Connection, collection, batch: list, problems: list) -> Counter:
+    """Add one batch (one transaction); should the database refuse one document, add the rest alone."""
+    from longembed.plugin.pipeline.ingest import Skipped
+    from longembed.plugin.store.documents import add_documents
+
+    try:
+        return add_documents(conn, collection, batch).counts
+    except (ValueError, psycopg.DataError):
+        pass  # nothing of the batch was written: add each document alone below
+    counts: Counter = Counter()
+    for doc in batch:
+        try:
+            counts += add_documents(conn, collection, [doc]).counts
+        except (ValueError, psycopg.DataError) as exc:
+            problems.append(Skipped(f"document {doc.external_id!r}", str(exc).strip()))
+    return counts
+
+
+def _embed_inline(conn: psycopg.Connection, collection, settings: dict, *, progress: bool) -> int:
     """Run a worker in this process until the collection's queue is empty; returns failed documents."""
     from tqdm import tqdm
 
@@ -312,18 +372,22 @@ def _embed_inline(conn: psycopg.Connection, collection, config, *, quiet: bool) 
     remaining = pending()
     if not remaining:
         return 0
-    worker = Worker(conn, get_model(collection.model_name), config, [collection.name])
-    parked = 0
-    with tqdm(total=remaining, desc="embed", unit="doc", disable=quiet, file=sys.stderr) as bar:
+    model = get_model(collection.model_source)
+    worker = Worker(conn, model, _worker_config(settings, model), [collection.name])
+    parked = truncated = 0
+    with tqdm(total=remaining, desc="embed", unit="doc", disable=not progress, file=sys.stderr) as bar:
         while remaining:
             stats = worker.run_once()
             parked += stats.parked
+            truncated += stats.truncated
             if stats.batches == 0:
                 time.sleep(0.5)  # items backing off before a retry, or leased by another worker
             now = pending()
             bar.update(max(0, remaining - now))
             remaining = now
     embedded_line = f"embedded into {collection.name}"
+    if truncated:
+        embedded_line += f"; {truncated} documents truncated at {model.info.max_tokens} tokens"
     if parked:
         print(
             f"{embedded_line}; {parked} documents failed (see `longembed collection list`)", file=sys.stderr
@@ -333,7 +397,6 @@ def _embed_inline(conn: psycopg.Connection, collection, config, *, quiet: bool) 
     return parked
 
 
-@_errors_to_exit_codes
 def _cmd_search(args: argparse.Namespace) -> int:
     from longembed.plugin.store.search import search
 
@@ -342,11 +405,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
         try:
             filter_ = json.loads(args.filter)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--filter is not valid JSON: {exc}") from None
+            raise errors.UsageError(f"--filter is not valid JSON: {exc}") from None
+    name = options.resolve_collection(args)
     with _connect(args) as conn:
         results = search(
             conn,
-            args.collection,
+            name,
             args.query,
             args.k,
             filter=filter_,
@@ -360,25 +424,23 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print("no results")
     for rank, r in enumerate(results, start=1):
         snippet = " ".join(r.snippet.split())[:100]
+        cut = ", truncated" if r.truncated else ""
         print(
             f"{rank:>3}. {r.score:.4f}  {r.external_id}  "
-            f"[chunk {r.chunk_ordinal}, chars {r.char_start}-{r.char_end}]"
+            f"[chunk {r.chunk_ordinal}, chars {r.char_start}-{r.char_end}{cut}]"
         )
         print(f"     {snippet}")
     return 0
 
 
-@_errors_to_exit_codes
 def _cmd_worker(args: argparse.Namespace) -> int:
-    if args.processes < 1:
-        raise ValueError("--processes must be at least 1")
-    config = _worker_config(args)
+    settings = _worker_settings(args)
     dsn = resolve_dsn(args)
     if args.processes == 1:
-        return _worker_process(dsn, args.model, config, args.collection, args.once)
+        return _worker_process(dsn, args.model, settings, args.collection, args.once)
     ctx = multiprocessing.get_context("spawn")  # no fork after torch/psycopg are loaded
     procs = [
-        ctx.Process(target=_worker_process, args=(dsn, args.model, config, args.collection, args.once))
+        ctx.Process(target=_worker_process, args=(dsn, args.model, settings, args.collection, args.once))
         for _ in range(args.processes)
     ]
     for proc in procs:
@@ -396,7 +458,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return max((proc.exitcode or 0) for proc in procs)
 
 
-def _worker_process(dsn: str, model_name: str | None, config, names: list[str] | None, once: bool) -> int:
+def _worker_process(
+    dsn: str, model_name: str | None, settings: dict, names: list[str] | None, once: bool
+) -> int:
     """One worker: SIGTERM/SIGINT finish the batch in progress, then exit 0.
 
     A lost connection (server restart, backend terminated) is re-opened with backoff; the batch it held
@@ -410,6 +474,7 @@ def _worker_process(dsn: str, model_name: str | None, config, names: list[str] |
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     model = get_model(model_name)
+    config = _worker_config(settings, model)
     total = WorkerStats()
     delay, connected = 1.0, False
     while not stop.is_set():

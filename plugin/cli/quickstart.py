@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from longembed.plugin.cli import errors, options
+
 DEFAULT_QUERIES = (
     "how do I catch an exception and clean up afterwards",
     "define a function that takes a variable number of arguments",
@@ -32,9 +34,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="files or folders to ingest (default: the Python Language Reference from pydoc_data)",
     )
-    p.add_argument("--collection", default="quickstart", help="collection name (default: quickstart)")
+    p.add_argument(
+        "--collection", "-c", metavar="NAME", default="quickstart", help="collection (default: quickstart)"
+    )
     p.add_argument("--query", action="append", help="query to answer (repeatable; default: three examples)")
     p.add_argument("--no-plpython", action="store_true", help="skip building PL/Python (no SQL embed())")
+    options.progress(p, "on when stderr is a terminal")
     p.set_defaults(run=run)
 
 
@@ -66,13 +71,14 @@ def run(args: argparse.Namespace) -> int:
             print("note: continuing without PL/Python: SQL embed() and search() will be unavailable")
     for title, argv in (("start the embedded PostgreSQL", ["up"]), ("install the schema", ["migrate"])):
         if step(title, argv) != 0:
-            return 2
+            return errors.FAILURE
     paths = args.paths or [str(python_reference_corpus(EmbeddedServer().home / "quickstart-corpus"))]
-    if step("ingest and embed", ["ingest", *paths, "--collection", args.collection, "--create"]) != 0:
-        return 2
+    progress = [] if args.progress is None else ["--progress" if args.progress else "--no-progress"]
+    if step("ingest and embed", ["ingest", *paths, "-c", args.collection, "--create", *progress]) != 0:
+        return errors.FAILURE
     for query in args.query or DEFAULT_QUERIES:
-        if step("search", ["search", args.collection, query, "-k", "3"]) != 0:
-            return 2
+        if step("search", ["search", "-c", args.collection, query, "-k", "3"]) != 0:
+            return errors.FAILURE
     print("\nTry it in SQL (`longembed psql`):")
     if sql_embed:
         print(
@@ -85,4 +91,4 @@ def run(args: argparse.Namespace) -> int:
         print("  (build PL/Python with `longembed setup-plpython` for SQL embed() and search())")
     print("Stop the server with `longembed down`.")
     sys.stdout.flush()
-    return 0
+    return errors.OK

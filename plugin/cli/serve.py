@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_ERROR = 2
+from longembed.plugin.cli import errors, options
+from longembed.plugin.settings import settings
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -40,11 +41,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--api-key-file", default=None, help="file of API keys, one per line (or $LONGEMBED_API_KEYS)"
     )
-    p.add_argument(
-        "--dsn", default=os.environ.get("LONGEMBED_DSN"), help="PostgreSQL (default: $LONGEMBED_DSN)"
-    )
+    p.add_argument("--dsn", default=None, help="PostgreSQL (default: $LONGEMBED_DSN)")
     p.add_argument("--no-worker", action="store_true", help="do not run the ingestion worker in-process")
-    p.add_argument("--batch-tokens", type=_positive, default=None, help="tokens per forward pass")
+    options.batch_tokens(p)
     p.add_argument(
         "--threads",
         type=_positive,
@@ -73,7 +72,7 @@ def read_api_keys(path: str | None) -> tuple[str, ...]:
     if path:
         text = Path(path).read_text(encoding="utf-8")
         keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    keys += [k.strip() for k in os.environ.get("LONGEMBED_API_KEYS", "").split(",") if k.strip()]
+    keys += settings().api_keys
     return tuple(keys)
 
 
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         check_bind(args.host, args.port, keys)
         config = HostConfig(
             models=tuple(args.model) if args.model else (None,),
-            dsn=args.dsn,
+            dsn=args.dsn or settings().dsn,
             worker=not args.no_worker,
             batch_tokens=args.batch_tokens,
             max_wait=args.max_wait_ms / 1000,
@@ -107,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     except (BindRefused, OSError, ValueError) as exc:
         for sock in sockets:
             sock.close()
-        print(f"longembed serve: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        errors.report(f"serve: {exc}")
+        return errors.FAILURE if isinstance(exc, OSError) else errors.USAGE
     # One batcher thread computes; torch's threads spin at a barrier whenever one of them loses its
     # core, so leave a core to the event loop and the tokenisers (measured: 2 threads on 2 busy cores
     # answered 8 clients ~10x slower than 1; bench/RESULTS.md).

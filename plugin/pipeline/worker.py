@@ -19,6 +19,7 @@ from longembed.plugin.pipeline import queue
 from longembed.plugin.store.collections import Collection, get_collection, list_collections
 
 log = logging.getLogger(__name__)
+INITIAL_BYTES_PER_TOKEN = 4.0  # English text in BERT WordPiece; learnt per worker from what it claims
 
 
 class EmbeddingModel(Protocol):
@@ -55,6 +56,7 @@ class WorkerStats:
     retrying: int = 0  # failures scheduled for another try
     parked: int = 0  # failures after the last try
     dropped: int = 0  # results discarded: lease lost (document re-queued or taken over)
+    truncated: int = 0  # documents written whose text was cut at the model's window (full mode)
     tokens: int = 0
     embed_seconds: float = 0.0
     db_seconds: float = 0.0
@@ -81,6 +83,38 @@ def incompatibility(collection: Collection, info: Any) -> str | None:
     return None
 
 
+class Heartbeat:
+    """Renews the lease of the items being embedded, every third of the lease, from a thread: a batch
+    that takes longer than the lease is not taken over (and its work wasted) while its worker lives.
+
+    The worker's connection is idle while it embeds (psycopg serialises use across threads anyway).
+    """
+
+    def __init__(self, conn: psycopg.Connection, token: Any, document_ids: list[int], lease_seconds: float):
+        self.conn, self.token, self.ids, self.lease_seconds = conn, token, document_ids, lease_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="longembed lease heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        if self.ids:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                with self.conn.transaction():
+                    queue.renew(self.conn, self.token, self.ids, self.lease_seconds)
+            except psycopg.Error as exc:  # the write will find out too; the lease then simply runs out
+                log.warning("could not renew the lease of %d documents: %s", len(self.ids), exc)
+                return
+
+
 class Worker:
     """Embeds queued documents of the collections `model` can serve (all of them, or those named)."""
 
@@ -96,7 +130,9 @@ class Worker:
         self.config = config or WorkerConfig()
         self.names = list(collections) if collections else None
         self.token = queue.new_token()
-        self._limit = min(64, self.config.max_docs)  # adapted to the observed tokens per document
+        # Text bytes per token, learnt from what was claimed: claims are sized in bytes (the database
+        # cannot count tokens) so that about one token budget's worth is leased at a time.
+        self._bytes_per_token = INITIAL_BYTES_PER_TOKEN
         self._warned: set[str] = set()
         if self.names:
             for name in self.names:  # fail now, clearly, rather than idle forever
@@ -128,7 +164,12 @@ class Worker:
         collections = self._collections()
         self.token = queue.new_token()  # one per claim: results are written only under it
         items = queue.claim(
-            self.conn, self.token, list(collections), limit=self._limit, lease_seconds=cfg.lease_seconds
+            self.conn,
+            self.token,
+            list(collections),
+            limit=cfg.max_docs,
+            lease_seconds=cfg.lease_seconds,
+            max_bytes=max(1, int(cfg.batch_tokens * self._bytes_per_token)),
         )
         stats.db_seconds += time.perf_counter() - t0
         if not items:
@@ -149,27 +190,35 @@ class Worker:
         while keep < len(items) and (keep == 0 or budget + n_tokens[keep] <= cfg.batch_tokens):
             budget += n_tokens[keep]
             keep += 1
-        per_doc = max(1, budget // max(1, keep))
-        self._limit = max(1, min(cfg.max_docs, cfg.batch_tokens // per_doc))
+        if items:
+            observed = sum(len(item.text.encode()) for item in items) / max(1, sum(n_tokens))
+            self._bytes_per_token = max(0.5, (self._bytes_per_token + observed) / 2)
+        # What does not fit goes back now, in its own statement and without an attempt: it must not
+        # wait for this batch (nor share the fate of its write), nor be stranded if this worker dies.
+        with self.conn.transaction():
+            queue.release(self.conn, self.token, [item.document_id for item in items[keep:]])
+        items = items[:keep]
         stats.tokens = budget
         results: dict[int, list] = {}
         by_collection: dict[int, list[queue.ClaimedItem]] = {}
-        for item in items[:keep]:
+        for item in items:
             by_collection.setdefault(item.collection_id, []).append(item)
-        for collection_id, group in by_collection.items():
-            self._embed_group(collections[collection_id], group, results, errors)
+        with Heartbeat(self.conn, self.token, [item.document_id for item in items], cfg.lease_seconds):
+            for collection_id, group in by_collection.items():
+                self._embed_group(collections[collection_id], group, results, errors)
         stats.embed_seconds += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         try:
-            written, retrying, parked = self._write(collections, items[keep:], by_collection, results, errors)
+            written, retrying, parked = self._write(collections, by_collection, results, errors)
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
             # Rolled back; count it as a failed attempt of every item so they come back after a backoff.
             log.warning("write of a batch failed (%s); retrying later", exc)
             written = []
-            errors = {item.document_id: f"write failed: {exc}" for item in items[:keep]} | errors
+            errors = {item.document_id: f"write failed: {exc}" for item in items} | errors
             retrying, parked = self._record_failures(errors)
         stats.embedded = len(written)
+        stats.truncated = sum(any(c.truncated for c in results[doc_id]) for doc_id in written)
         stats.dropped = len(results) - len(written)
         stats.retrying, stats.parked = len(retrying), len(parked)
         stats.db_seconds += time.perf_counter() - t0
@@ -180,15 +229,13 @@ class Worker:
     def _write(
         self,
         collections: dict[int, Collection],
-        unused: list[queue.ClaimedItem],
         by_collection: dict[int, list[queue.ClaimedItem]],
         results: dict[int, list],
         errors: dict[int, str],
     ) -> tuple[list[int], list[int], list[int]]:
-        """One transaction: give back unused items, write results, record failures."""
+        """One transaction: write results, record failures."""
         written: list[int] = []
         with self.conn.transaction():
-            queue.release(self.conn, self.token, [item.document_id for item in unused])
             for collection_id, group in by_collection.items():
                 done = {i.document_id: results[i.document_id] for i in group if i.document_id in results}
                 written += queue.write_results(

@@ -173,7 +173,8 @@ class Host:
             with self.connect() as conn:
                 if not conn.execute("SELECT to_regclass('longembed.collections') IS NOT NULL").fetchone()[0]:
                     return False  # not migrated yet: no collection uses anything
-                row = conn.execute("SELECT 1 FROM longembed.collections WHERE model_name = %s", (name,))
+                # model_source: what get_model loads from anywhere (model_name is only for display).
+                row = conn.execute("SELECT 1 FROM longembed.collections WHERE model_source = %s", (name,))
                 return row.fetchone() is not None
         except psycopg.Error as exc:
             raise ApiError(503, f"the database did not answer: {exc}", retry_after=5) from None

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from longembed.encoder.profiles import truncate_dim
 from longembed.plugin.service.batcher import INGESTION, Batcher
 from longembed.plugin.service.errors import invalid
 
@@ -71,7 +72,7 @@ class ServedModel:
             vectors = np.stack([doc[0].vector for doc in chunks])
         truncated = [i for i, doc in enumerate(chunks) if doc[0].truncated]
         if dimensions is not None and dimensions != self.info.dim:
-            vectors = _normalise(vectors[:, :dimensions])
+            vectors = truncate_dim(vectors, dimensions, self.info.matryoshka_dims)  # Nomic's recipe
         return Embedded(vectors.astype(np.float32, copy=False), list(plan.n_tokens), truncated)
 
     def check_dimensions(self, dimensions: int | None) -> None:

@@ -8,6 +8,7 @@ numeric id through psycopg.sql.Identifier, never from the user's collection name
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol, overload
@@ -16,8 +17,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
+from longembed.encoder.chunking import check_mode, default_chunk_tokens
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-MODES = ("full", "chunk", "late")
 MAX_HNSW_DIM = 2000
 
 # distance -> (pgvector operator, HNSW operator class)
@@ -32,10 +34,20 @@ class ModelDescription(Protocol):
     """What a collection needs to know of a model (encoder.ModelInfo has these fields)."""
 
     name: str
+    source: str  # hub id or absolute folder: loads the model again from anywhere (models.get_model)
     revision: str
     dim: int
     max_tokens: int
-    architecture: str
+    pooling: str
+    prefixes: dict[str, str]
+
+
+class CountingModel(Protocol):
+    """A loaded model (encoder.EmbeddingModel): its description and its tokenizer's counts."""
+
+    info: ModelDescription
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
 
 class CollectionNotFound(LookupError):
@@ -48,7 +60,8 @@ class CollectionNotFound(LookupError):
 class Collection:
     id: int
     name: str
-    model_name: str
+    model_name: str  # display name
+    model_source: str  # what plugin.models.get_model loads the model from
     model_revision: str
     dim: int
     mode: str
@@ -88,7 +101,7 @@ def validate_name(name: str) -> str:
 def create_collection(
     conn: psycopg.Connection,
     name: str,
-    model: ModelDescription,
+    model: CountingModel | ModelDescription,
     *,
     mode: str = "chunk",
     chunk_tokens: int | None = None,
@@ -100,43 +113,57 @@ def create_collection(
     hnsw_ef_construction: int = 64,
     text_search_config: str = "english",
 ) -> Collection:
-    """Create a collection for `model` (an encoder ModelInfo) with its chunk table and HNSW index.
+    """Create a collection for `model` with its chunk table and HNSW index.
 
-    `chunk_tokens` defaults to what fits the model next to [CLS] and [SEP] (max_tokens - 2); prefixes
-    default (None) to the model's own.
+    `model`: the loaded model, or only its ModelInfo where the document prefix is empty (a prefix's
+    tokens can only be counted with the model's tokenizer). `chunk_tokens` defaults as in the encoder
+    (encoder.chunking.default_chunk_tokens): what fits the model's window next to [CLS], [SEP] and the
+    document prefix, at most DEFAULT_CHUNK_TOKENS. Prefixes default (None) to the model's own.
     """
     validate_name(name)
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
-    if mode == "late" and model.architecture != "jina_bert":
-        raise ValueError(f"mode 'late' needs an ALiBi model (jina_bert); {model.name} is not one")
+    info: ModelDescription = getattr(model, "info", model)
+    check_mode(mode, info.pooling, info.name)
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}: expected one of {', '.join(DISTANCES)}")
-    if not 1 <= model.dim <= MAX_HNSW_DIM:
-        raise ValueError(f"dimension {model.dim} is outside 1..{MAX_HNSW_DIM}, what pgvector HNSW indexes")
-    room = model.max_tokens - 2
-    chunk_tokens = room if chunk_tokens is None else int(chunk_tokens)
+    if not 1 <= info.dim <= MAX_HNSW_DIM:
+        raise ValueError(f"dimension {info.dim} is outside 1..{MAX_HNSW_DIM}, what pgvector HNSW indexes")
+    prefix = info.prefixes["document"] if document_prefix is None else document_prefix
+    prefix_tokens = 0
+    if prefix:
+        if not hasattr(model, "count_tokens"):
+            raise TypeError(f"document prefix {prefix!r}: pass the model, not its info, to count its tokens")
+        prefix_tokens = model.count_tokens([prefix])[0]
+    room = info.max_tokens - 2 - prefix_tokens
+    if room < 1:
+        raise ValueError(
+            f"the document prefix takes {prefix_tokens} tokens: nothing fits in {info.max_tokens}"
+        )
+    chunk_tokens = default_chunk_tokens(room) if chunk_tokens is None else int(chunk_tokens)
     if not 0 < chunk_tokens <= room:
-        raise ValueError(f"chunk_tokens must be in 1..{room} for {model.name}, got {chunk_tokens}")
+        raise ValueError(
+            f"chunk_tokens must be in 1..{room} for {info.name} ({info.max_tokens} minus [CLS], [SEP] "
+            f"and {prefix_tokens} document prefix tokens), got {chunk_tokens}"
+        )
     if not 0 <= overlap < chunk_tokens:
         raise ValueError(f"overlap must be in 0..{chunk_tokens - 1}, got {overlap}")
     if not (2 <= hnsw_m <= 100 and 4 <= hnsw_ef_construction <= 1000):
         raise ValueError("hnsw_m must be in 2..100 and hnsw_ef_construction in 4..1000")
-    opclass = DISTANCES[distance][1]
     with conn.transaction():
         if get_collection(conn, name, missing_ok=True) is not None:
             raise ValueError(f"collection {name!r} already exists")
         try:
             row = conn.execute(
-                """INSERT INTO longembed.collections (name, model_name, model_revision, dim, mode,
-                       chunk_tokens, overlap, query_prefix, document_prefix, distance, hnsw_m,
+                """INSERT INTO longembed.collections (name, model_name, model_source, model_revision, dim,
+                       mode, chunk_tokens, overlap, query_prefix, document_prefix, distance, hnsw_m,
                        hnsw_ef_construction, text_search_config)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig) RETURNING id""",
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig)
+                   RETURNING id""",
                 (
                     name,
-                    model.name,
-                    model.revision,
-                    model.dim,
+                    info.name,
+                    info.source,
+                    info.revision,
+                    info.dim,
                     mode,
                     chunk_tokens,
                     overlap,
@@ -153,31 +180,9 @@ def create_collection(
         except psycopg.errors.UniqueViolation as exc:  # created concurrently since the check above
             raise ValueError(f"collection {name!r} already exists") from exc
         assert row is not None
-        table = sql.Identifier("longembed", f"chunks_{row[0]}")
-        conn.execute(
-            sql.SQL(
-                """CREATE TABLE {table} (
-                       document_id bigint NOT NULL REFERENCES longembed.documents (id) ON DELETE CASCADE,
-                       ordinal     integer NOT NULL,
-                       char_start  integer NOT NULL,
-                       char_end    integer NOT NULL,
-                       n_tokens    integer NOT NULL,
-                       embedding   vector({dim}) NOT NULL,
-                       PRIMARY KEY (document_id, ordinal))"""
-            ).format(table=table, dim=sql.Literal(model.dim))
-        )
-        conn.execute(
-            sql.SQL(
-                "CREATE INDEX {index} ON {table} USING hnsw (embedding {opclass}) "
-                "WITH (m = {m}, ef_construction = {efc})"
-            ).format(
-                index=sql.Identifier(f"chunks_{row[0]}_embedding_idx"),
-                table=table,
-                opclass=sql.Identifier(opclass),
-                m=sql.Literal(hnsw_m),
-                efc=sql.Literal(hnsw_ef_construction),
-            )
-        )
+        # The owner of schema longembed makes the table (SECURITY DEFINER, 030_collection_tables.sql):
+        # writers need no CREATE on the schema.
+        conn.execute("SELECT longembed.create_chunk_table(%s)", (row[0],))
     return get_collection(conn, name)
 
 
@@ -246,17 +251,9 @@ def drop_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = F
             (collection.id,),
         ).fetchall():
             _drop_triggers(conn, table_oid, collection.id)
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection.chunk_table))
-        conn.execute("DELETE FROM longembed.collections WHERE id = %s", (collection.id,))
+        # The chunk table belongs to the schema's owner: it drops the table and the row for us.
+        conn.execute("SELECT longembed.delete_collection(%s)", (collection.id,))
     return True
-
-
-def trigger_names(collection_id: int) -> tuple[sql.Identifier, sql.Identifier]:
-    """Names of the row and TRUNCATE triggers feeding collection `collection_id` (plugin/vectorize.py)."""
-    return (
-        sql.Identifier(f"longembed_vectorize_{collection_id}"),
-        sql.Identifier(f"longembed_vectorize_{collection_id}_truncate"),
-    )
 
 
 def _drop_triggers(conn: psycopg.Connection, table_oid: int, collection_id: int) -> None:
@@ -265,5 +262,10 @@ def _drop_triggers(conn: psycopg.Connection, table_oid: int, collection_id: int)
         "WHERE c.oid = %s::oid",
         (table_oid,),
     ).fetchone()
-    for name in trigger_names(collection_id):
-        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(name, sql.Identifier(schema, table)))
+    # The names longembed.vectorize_table() gives the row and TRUNCATE triggers (010_documents.sql).
+    for name in (f"longembed_vectorize_{collection_id}", f"longembed_vectorize_{collection_id}_truncate"):
+        conn.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(name), sql.Identifier(schema, table)
+            )
+        )

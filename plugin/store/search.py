@@ -4,8 +4,8 @@ The search itself is SQL, longembed.search_vector / longembed.search_hybrid
 (migrations/functions/015_search.sql), so Python, the CLI and SQL return the same documents with the same
 scores. Those functions build the statement per call and EXECUTE it, so PostgreSQL plans it with the real
 vector and LIMIT each time: a caller's prepared statements cannot pin a generic plan that sorts the whole
-table instead of walking the HNSW index (ENVIRONMENT.md). Here: validate arguments, embed a text query
-with the collection's model and query prefix, call the function.
+table instead of walking the HNSW index (tests/test_search_plan.py). Here: validate arguments, embed a
+text query with the collection's model and query prefix, call the function.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class SearchResult:
     char_end: int
     snippet: str  # the chunk's text, cut to SNIPPET_CHARS
     metadata: dict[str, Any]
+    truncated: bool  # the chunk's text was cut at the model's window: its vector saw only the start
 
 
 def search(
@@ -77,18 +78,33 @@ def search(
     return [SearchResult(*row) for row in rows]
 
 
+def require_text(text: str, what: str = "query text") -> None:
+    """The one rule for blank text, in search and in SQL embed(): a text that is empty or only
+    whitespace means nothing to embed or search for, so it is refused (ValueError) rather than turned
+    into the vector of [CLS][SEP], which is near arbitrary documents."""
+    if not text.strip():
+        raise ValueError(f"the {what} is empty (or only whitespace): nothing to embed")
+
+
 def embed_query(collection: Collection, text: str, model: Any = None) -> np.ndarray:
     """The query vector of `text` for `collection` (its query prefix, its model)."""
-    if not text.strip():
-        raise ValueError("the query text is empty")
+    require_text(text)
     if model is None:
         from longembed.plugin.models import get_model
 
-        model = get_model(collection.model_name)
+        model = get_model(collection.model_source)
     if model.info.dim != collection.dim:
         raise ValueError(
             f"dimension mismatch: collection {collection.name!r} has {collection.dim}-d vectors, "
             f"model {model.info.name} gives {model.info.dim}-d"
+        )
+    if model.info.revision != collection.model_revision:
+        # The worker refuses such a model too: vectors of other weights live in another space.
+        raise ValueError(
+            f"model revision mismatch: collection {collection.name!r} holds vectors of revision "
+            f"{collection.model_revision} of {collection.model_name}, the model loaded from "
+            f"{model.info.source} is revision {model.info.revision}. Put the original weights back, or "
+            "create a new collection with this model and ingest the documents into it again"
         )
     return model.embed([text], kind="query", instruction=collection.query_prefix)[0]
 

@@ -11,8 +11,6 @@ DEFINER trigger would let anyone able to create a table write into every collect
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import psycopg
 
 from longembed.plugin.store.collections import Collection, get_collection
@@ -24,14 +22,6 @@ _BAD_ARGUMENT = (
     psycopg.errors.InvalidParameterValue,
     psycopg.errors.SyntaxError,
 )
-
-
-@dataclass(frozen=True)
-class VectorizedTable:
-    table: str  # as PostgreSQL prints the regclass (quoted and qualified where needed)
-    id_column: str
-    text_column: str
-    collection: str
 
 
 def _collection_name(conn: psycopg.Connection, collection: str | Collection) -> str:
@@ -80,12 +70,3 @@ def unvectorize_table(conn: psycopg.Connection, table: str, collection: str | Co
         raise ValueError(f"invalid table name {table!r}") from None
     except _BAD_ARGUMENT as exc:
         raise ValueError(exc.diag.message_primary or str(exc)) from None
-
-
-def vectorized_tables(conn: psycopg.Connection) -> list[VectorizedTable]:
-    rows = conn.execute(
-        """SELECT v.table_oid::text, v.id_column, v.text_column, c.name
-           FROM longembed.vectorized_tables v JOIN longembed.collections c ON c.id = v.collection_id
-           JOIN pg_class t ON t.oid = v.table_oid ORDER BY 1"""
-    ).fetchall()
-    return [VectorizedTable(*row) for row in rows]

@@ -4,6 +4,8 @@ No GPU is needed: `triton.compile` lowers a kernel to PTX and a cubin for sm_90 
 (A100), and the wheel's `cuobjdump --dump-resource-usage` reports registers, spill space (LOCAL /
 STACK) and static shared memory. Triton's own metadata adds the dynamic shared memory of the
 pipelined tiles. Used by tests/test_triton_compile.py (asserts) and bench/compile_check.py (table).
+It reaches into Triton's compiler internals (ASTSource, GPUTarget), so it is test and benchmark
+tooling beside the tests, not part of the installed product.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from longembed.triton_kernels import flash_attention, pooling
+from longembed.triton_kernels import flash_attention, pooling, rotary
 
 ARCHS = (90, 80)
 DTYPES = ("fp16", "bf16")
@@ -34,13 +36,14 @@ REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 POOL_DIMS = (384, 512, 768, 1024)  # MiniLM, jina-small, jina-base / BERT-base, BERT-large hidden sizes
+ROTARY_SHAPES = ((12, 64), (16, 64), (8, 32))  # (heads, head_dim): nomic-embed-text, larger, smaller
 
 
 @dataclass(frozen=True)
 class Variant:
     """One compiled specialisation: a kernel, its constexprs, launch options, dtype and target."""
 
-    kernel: str  # "attention" | "pooling"
+    kernel: str  # "attention" | "pooling" | "rotary"
     dtype: str
     arch: int
     constexprs: tuple[tuple[str, object], ...]
@@ -97,6 +100,17 @@ def pooling_variants() -> list[Variant]:
     return variants
 
 
+def rotary_variants() -> list[Variant]:
+    variants = []
+    tiles = sorted({rotary.rotary_config(heads, head_dim) for heads, head_dim in ROTARY_SHAPES})
+    for arch in ARCHS:
+        for dtype in DTYPES:
+            for block_h, block_half, warps in tiles:
+                consts = {"BLOCK_H": block_h, "BLOCK_HALF": block_half}
+                variants.append(Variant("rotary", dtype, arch, tuple(consts.items()), warps, 3))
+    return variants
+
+
 def _signature(variant: Variant) -> tuple[triton.JITFunction, dict[str, str]]:
     consts = dict(variant.constexprs)
     if variant.kernel == "attention":
@@ -104,10 +118,13 @@ def _signature(variant: Variant) -> tuple[triton.JITFunction, dict[str, str]]:
         pointers = {"Q": variant.dtype, "K": variant.dtype, "V": variant.dtype, "Out": variant.dtype}
         pointers |= {"Slopes": "fp32", "CuSeqlens": "i32", "BlockSeq": "i32", "BlockStart": "i32"}
         floats = {"qk_scale"}
-    else:
+    elif variant.kernel == "pooling":
         fn = pooling._segment_mean_pool_normalize
         pointers = {"Hidden": variant.dtype, "Spans": "i32", "Out": "fp32"}
         floats = {"eps"}
+    else:
+        fn = rotary._rotary_qk
+        pointers, floats = {"QKV": variant.dtype, "Cos": "fp32", "Sin": "fp32"}, set()
     signature = {}
     for name in fn.arg_names:
         if name in consts:
