@@ -124,8 +124,9 @@ def test_a_model_a_collection_uses_is_loaded_on_demand(dsn, tmp_path):
     model = get_model()
     folder = tmp_path / "minilm-on-demand"
     shutil.copytree(model._m.folder, folder)
-    with connect(dsn) as conn:  # a collection recorded with the folder as its model's name
-        create_collection(conn, "on_demand", dataclasses.replace(model.info, name=str(folder)))
+    with connect(dsn) as conn:  # a collection of a model the host was not started with
+        info = dataclasses.replace(model.info, name="minilm-on-demand", source=str(folder))
+        create_collection(conn, "on_demand", info)
     with running_host(HostConfig(dsn=dsn, worker=False)) as running:
         assert [m.info.name for m in running.host.models()] == [model.info.name]
         r = httpx.post(
