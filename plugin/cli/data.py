@@ -93,8 +93,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--once", action="store_true", help="exit when nothing is ready instead of polling")
     options.model(
         p,
-        "the model to load; the worker embeds the collections made with it "
-        + "(default: the bundled all-MiniLM-L6-v2)",
+        "only the collections made with this model (default: every collection, each with its own model)",
+    )
+    p.add_argument(
+        "--max-models",
+        type=options.positive_int,
+        default=2,
+        help="without --model: models held in memory at once, least recently used unloaded (default 2)",
     )
     _worker_options(p)
     options.dsn(p)
@@ -437,10 +442,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     settings = _worker_settings(args)
     dsn = resolve_dsn(args)
     if args.processes == 1:
-        return _worker_process(dsn, args.model, settings, args.collection, args.once)
+        return _worker_process(dsn, args.model, settings, args.collection, args.once, args.max_models)
     ctx = multiprocessing.get_context("spawn")  # no fork after torch/psycopg are loaded
     procs = [
-        ctx.Process(target=_worker_process, args=(dsn, args.model, settings, args.collection, args.once))
+        ctx.Process(
+            target=_worker_process,
+            args=(dsn, args.model, settings, args.collection, args.once, args.max_models),
+        )
         for _ in range(args.processes)
     ]
     for proc in procs:
@@ -459,7 +467,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _worker_process(
-    dsn: str, model_name: str | None, settings: dict, names: list[str] | None, once: bool
+    dsn: str, model_name: str | None, settings: dict, names: list[str] | None, once: bool, max_models: int
 ) -> int:
     """One worker: SIGTERM/SIGINT finish the batch in progress, then exit 0.
 
@@ -467,22 +475,30 @@ def _worker_process(
     comes back to the queue when its lease runs out.
     """
     from longembed.plugin.models import get_model
-    from longembed.plugin.pipeline.worker import Worker, WorkerStats
+    from longembed.plugin.pipeline.worker import EveryModel, Worker, WorkerStats
 
     logging.basicConfig(level=logging.INFO, format=f"worker {os.getpid()}: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    model = get_model(model_name)
-    config = _worker_config(settings, model)
+    model = get_model(model_name) if model_name is not None else None
+    every = None
+    if model is None:  # every collection, each with its own model, loaded when it has work
+        every = EveryModel(None, get_model, lambda m: _worker_config(settings, m), names, max_models)
     total = WorkerStats()
     delay, connected = 1.0, False
     while not stop.is_set():
         try:
             with db.connect(dsn, application_name="longembed worker") as conn:
                 db.require_vector(conn)
-                worker = Worker(conn, model, config, names)
-                logging.info("started (%s, batch %d tokens)", model.info.name, config.batch_tokens)
+                if every is not None:
+                    every.conn = conn  # models stay loaded across reconnects
+                    worker = every
+                    logging.info("started (every collection's model, at most %d at once)", max_models)
+                else:
+                    config = _worker_config(settings, model)
+                    worker = Worker(conn, model, config, names)
+                    logging.info("started (%s, batch %d tokens)", model.info.name, config.batch_tokens)
                 delay, connected = 1.0, True
                 if once:
                     worker.drain(stop, total)

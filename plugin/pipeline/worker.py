@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -318,4 +319,92 @@ class Worker:
             total.add(stats)
             if stats.batches == 0:
                 stop.wait(self.config.poll_interval)
+        return total
+
+
+def ready_work(conn: psycopg.Connection, names: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Model source -> names of its collections with queue items claimable now (busiest model first)."""
+    rows = conn.execute(
+        """SELECT c.model_source, array_agg(DISTINCT c.name ORDER BY c.name), count(*)
+             FROM longembed.queue q JOIN longembed.collections c ON c.id = q.collection_id
+            WHERE q.next_attempt_at <= now() AND (q.leased_until IS NULL OR q.leased_until < now())
+              AND (%(names)s::text[] IS NULL OR c.name = ANY(%(names)s::text[]))
+            GROUP BY c.model_source ORDER BY count(*) DESC, c.model_source""",
+        {"names": list(names) if names else None},
+    ).fetchall()
+    return {source: list(collections) for source, collections, _ in rows}
+
+
+class EveryModel:
+    """A worker for every collection, whatever its model: each round, the models of the collections with
+    ready work are loaded (at most `max_models` held at once; the least recently used goes) and drained
+    in turn. A model that fails to load is logged and retried after `retry_seconds`; its collections
+    wait, the others go on."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection | None,
+        load: Callable[[str], EmbeddingModel],
+        config_for: Callable[[EmbeddingModel], WorkerConfig],
+        names: Sequence[str] | None = None,
+        max_models: int = 2,
+        retry_seconds: float = 60.0,
+    ) -> None:
+        if max_models < 1:
+            raise ValueError("max_models must be at least 1")
+        self.conn = conn
+        self.load = load
+        self.config_for = config_for
+        self.names = list(names) if names else None
+        self.max_models = max_models
+        self.retry_seconds = retry_seconds
+        self.loaded: OrderedDict[str, EmbeddingModel] = OrderedDict()
+        self._broken: dict[str, float] = {}  # source -> when loading it failed
+
+    def _model(self, source: str) -> EmbeddingModel | None:
+        if source in self.loaded:
+            self.loaded.move_to_end(source)
+            return self.loaded[source]
+        failed_at = self._broken.get(source)
+        if failed_at is not None and time.monotonic() - failed_at < self.retry_seconds:
+            return None
+        while len(self.loaded) >= self.max_models:
+            evicted, _ = self.loaded.popitem(last=False)
+            log.info("unloading %s (at most %d models at once)", evicted, self.max_models)
+        try:
+            model = self.load(source)
+        except Exception as exc:  # a deleted folder, a broken checkpoint: the other models go on
+            self._broken[source] = time.monotonic()
+            log.error("cannot load model %s (retrying in %.0f s): %s", source, self.retry_seconds, exc)
+            return None
+        self._broken.pop(source, None)
+        self.loaded[source] = model
+        return model
+
+    def drain(self, stop: threading.Event | None = None, total: WorkerStats | None = None) -> WorkerStats:
+        """Rounds over the models with ready work until none has any (or only unloadable ones)."""
+        total = WorkerStats() if total is None else total
+        while stop is None or not stop.is_set():
+            progressed = False
+            for source, collections in ready_work(self.conn, self.names).items():
+                model = self._model(source)
+                if model is None:
+                    continue
+                before = total.batches
+                try:
+                    worker = Worker(self.conn, model, self.config_for(model), collections)
+                except ValueError as exc:  # e.g. the weights' revision changed: never embed into it
+                    log.warning("%s", exc)
+                    continue
+                worker.drain(stop, total)
+                progressed |= total.batches > before
+            if not progressed:
+                break
+        return total
+
+    def run(self, stop: threading.Event, total: WorkerStats | None = None, poll: float = 1.0) -> WorkerStats:
+        total = WorkerStats() if total is None else total
+        while not stop.is_set():
+            self.drain(stop, total)
+            stop.wait(poll)
         return total
