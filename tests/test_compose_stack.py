@@ -298,7 +298,7 @@ def test_stack_end_to_end(stack: Stack):
         return tops, sql_vector, http_vector
 
     tops, sql_vector, http_vector = answers()
-    assert {query: ids[0] for query, ids in tops.items()} == QUERIES
+    assert {query: Path(ids[0]).name for query, ids in tops.items()} == QUERIES  # ids: /data/NAME
     assert len(sql_vector) == len(http_vector) == 384
     assert max(abs(a - b) for a, b in zip(sql_vector, http_vector, strict=True)) < 1e-5
 
