@@ -122,3 +122,15 @@ def test_commands_are_real_cli_commands(compose):
         assert callable(args.run)
     assert services["cli"]["entrypoint"] == ["longembed"]
     assert callable(parser.parse_args(["ingest", "/data", "-c", "docs", "--create", "--no-wait"]).run)
+
+
+def test_env_example_holds_every_required_variable_without_a_value(compose):
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    required = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text()))
+    assert required == {"LONGEMBED_DB_PASSWORD", "LONGEMBED_API_KEY"}
+    assert all(example[name] == "" for name in required)  # no default secret to forget to change
+    assert example["COMPOSE_PROFILES"] in ("gpu", "cpu")
