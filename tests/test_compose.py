@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 HOSTS = ("longembed", "longembed-cpu")
 WORKERS = ("worker", "worker-cpu")
-LONGEMBED_IMAGE_SERVICES = ("migrate", "cli", *HOSTS, *WORKERS)
+IMAGE_SERVICES = ("migrate", "cli", *HOSTS, *WORKERS)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_secure_defaults(compose):
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${LONGEMBED_DB_PASSWORD:?")
-    for name in LONGEMBED_IMAGE_SERVICES:
+    for name in IMAGE_SERVICES:
         env = services[name]["environment"]
         assert env["PGPASSWORD"].startswith("${LONGEMBED_DB_PASSWORD:?")
         assert env["PGHOST"] == "postgres"
@@ -100,15 +100,15 @@ def test_public_base_images_by_default(compose):
     assert postgres["BASE_IMAGE"] == "${LONGEMBED_POSTGRES_IMAGE:-pgvector/pgvector:pg17}"
     dockerfile = (ROOT / "plugin/docker/postgres/Dockerfile").read_text()
     assert "ARG BASE_IMAGE=pgvector/pgvector:pg17" in dockerfile and "ARG PG_MAJOR=17" in dockerfile
-    for name in LONGEMBED_IMAGE_SERVICES:
+    for name in IMAGE_SERVICES:
         args = compose["services"][name]["build"]["args"]
         assert args["BASE_IMAGE"] == "${LONGEMBED_PYTHON_IMAGE:-python:3.11-slim-bookworm}"
         assert args["BUILD_EXTRAS"] == "${LONGEMBED_BUILD_EXTRAS:-no-extras}"
     dockerfile = (ROOT / "plugin/docker/longembed/Dockerfile").read_text()
     assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in dockerfile
     assert "ARG BUILD_EXTRAS=no-extras" in dockerfile
-    # The CPU image's torch is the version pyproject pins.
-    pinned = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    # The CPU image's torch is the version the constraints file pins.
+    pinned = re.search(r"^torch==(\S+)$", (ROOT / ".ci/constraints.txt").read_text(), re.M).group(1)
     assert f"ARG TORCH_VERSION={pinned}" in dockerfile
 
 
