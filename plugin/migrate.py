@@ -189,12 +189,32 @@ def _run_sql(conn: psycopg.Connection, file: MigrationFile, report: MigrationRep
 
     conn.add_notice_handler(keep_notice)
     try:
+        _pin_search_path(conn)
         # A file holds several statements: no parameters, so psycopg sends it as one simple query.
         conn.execute(file.sql.encode())
     except psycopg.Error as exc:
         raise MigrationError(f"migration {file.name} failed: {exc}") from exc
     finally:
         conn.remove_notice_handler(keep_notice)
+
+
+def _pin_search_path(conn: psycopg.Connection) -> None:
+    """For this transaction, search only pgvector's schema (public where pgvector is not installed yet).
+
+    A role named `longembed` (docker-compose's) has "$user" = our schema first in its search_path, so
+    `CREATE EXTENSION vector` would put pgvector's types and operators into schema longembed, where the
+    revokes of 0003 and 090 would then take them from everybody else; the files name their own objects
+    with the schema, and `vector` resolves through this path."""
+    row = conn.execute(
+        """SELECT coalesce((SELECT n.nspname FROM pg_catalog.pg_extension e
+                              JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+                             WHERE e.extname = 'vector'),
+                           (SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname = 'public'))"""
+    ).fetchone()
+    if row and row[0]:
+        conn.execute(
+            "SELECT pg_catalog.set_config('search_path', pg_catalog.quote_ident(%s), true)", (row[0],)
+        )
 
 
 def applied_versions(conn: psycopg.Connection) -> dict[str, str]:

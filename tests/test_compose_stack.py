@@ -242,7 +242,10 @@ def stack(docker, compose_cmd, base_image, extras_image, tmp_path_factory) -> It
         stack("build", "postgres", "migrate", timeout=1800)
         print(f"\ncompose build: {time.monotonic() - t0:.1f} s")
         t0 = time.monotonic()
-        stack("up", "-d", timeout=600)
+        up = stack("up", "-d", check=False, timeout=600)
+        if up.returncode != 0:  # say why: a container that exited has its reason in its log
+            logs = stack("logs", "--tail", "40", check=False).stdout
+            raise AssertionError(f"compose up exited {up.returncode}\n{up.stderr[-2000:]}\n{logs[-6000:]}")
         stack.wait_ready()
         print(f"compose up to ready: {time.monotonic() - t0:.1f} s")
         yield stack

@@ -202,3 +202,28 @@ def test_non_superuser_owner_migrates_and_skips_untrusted_language_functions(dsn
         with psycopg.connect(dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_an_owner_named_longembed_keeps_pgvector_out_of_our_schema(pg_dsn):
+    """docker-compose's role is `longembed`: "$user" in its search_path is our schema, which would take
+    pgvector's types and operators (and 090's revokes would then take them from everybody else)."""
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        if not admin.execute("SELECT 1 FROM pg_roles WHERE rolname = 'longembed'").fetchone():
+            admin.execute(sql.SQL("CREATE ROLE longembed LOGIN SUPERUSER PASSWORD {}").format("le-test-pw"))
+    with (
+        fresh_database(pg_dsn, "le_owner_named") as url,
+        psycopg.connect(make_conninfo(url, user="longembed", password="le-test-pw"), autocommit=True) as conn,
+    ):
+        assert conn.execute("SHOW search_path").fetchone()[0].startswith('"$user"')
+        migrate(conn)
+        migrate(conn)  # again: 090 reruns over the functions
+        schema = conn.execute(
+            "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+            "WHERE e.extname = 'vector'"
+        ).fetchone()[0]
+        assert schema == "public"
+        assert conn.execute("SELECT has_function_privilege('public', 'public.l2_distance(public.vector,"
+                            "public.vector)', 'EXECUTE')").fetchone() == (True,)  # fmt: skip

@@ -40,6 +40,9 @@ BEGIN
     FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector';
     FOR f IN SELECT p.oid::regprocedure AS signature FROM pg_proc p
              WHERE p.pronamespace = 'longembed'::regnamespace AND p.proowner = v_me
+               AND p.prokind IN ('f', 'p')
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d  -- an extension's own functions are not ours
+                               WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
                AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) AS setting
                                WHERE setting LIKE 'search\_path=%') LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp', f.signature, v_vector);
