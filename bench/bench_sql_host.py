@@ -32,7 +32,7 @@ from bench_ingest_search import load_vectors, synthetic_vectors
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from longembed.plugin.db import connect
+from longembed.plugin.db import connect, register_vector_if_installed
 from longembed.plugin.embedded.server import resolve_dsn
 from longembed.plugin.migrate import migrate
 from longembed.plugin.models import get_model
@@ -128,7 +128,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=20, help="fresh connections / warm calls")
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     args = parser.parse_args()
-    server_dsn = resolve_dsn(args)
+    server_dsn = resolve_dsn(args, admin=True)  # it creates and drops a scratch database
     name = f"longembed_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -138,6 +138,7 @@ def main() -> int:
         model = get_model()
         with connect(dsn) as conn:
             migrate(conn)
+            register_vector_if_installed(conn)  # the extension came with migrate
             print(f"# {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
             print(f"# PostgreSQL {version}, {model.info.name} ({model.info.device}, {model.info.dtype})")
             print("| measurement | result |\n|---|---|")

@@ -49,7 +49,6 @@ LANGUAGE plpython3u STABLE PARALLEL RESTRICTED
 SET search_path = pg_catalog, pg_temp
 AS $body$
 import base64
-import http.client
 import json
 import socket
 import struct
@@ -64,11 +63,20 @@ if inputs is None:
     return None
 
 def server_setting(name, default=None):
-    plan = GD.get("longembed_setting_plan")
-    if plan is None:
-        plan = plpy.prepare("SELECT longembed.host_setting($1) AS value", ["text"])
-        GD["longembed_setting_plan"] = plan
-    return plpy.execute(plan, [name])[0]["value"] or default
+    # pg_file_settings reads the configuration files: ~0.4 ms a lookup, so a backend keeps the answers
+    # for a second (a reload reaches it that late).
+    settings = GD.get("longembed_settings")
+    if settings is None or time.monotonic() - settings["at"] > 1.0:
+        plan = GD.get("longembed_setting_plan")
+        if plan is None:
+            plan = plpy.prepare(
+                "SELECT name, longembed.host_setting(name) AS value FROM unnest($1::text[]) AS name", ["text[]"])
+            GD["longembed_setting_plan"] = plan
+        names = ["longembed.host", "longembed.host_key_file", "longembed.host_timeout"]
+        settings = {row["name"]: row["value"] for row in plpy.execute(plan, [names])}
+        settings["at"] = time.monotonic()
+        GD["longembed_settings"] = settings
+    return settings.get(name) or default
 
 target = server_setting("longembed.host")
 if not target:
@@ -95,31 +103,59 @@ for i, text in enumerate(inputs):
 if not missing:
     return out
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
+def post_unix(path, body, timeout):
+    # HTTP/1.1 over the host's Unix socket by hand: importing http.client (and the email package it
+    # pulls in) would cost a new backend's first embed() ~25 ms; this takes well under one.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        parts = []
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            parts.append(data)
+    finally:
+        sock.close()
+    head_, sep, payload = b"".join(parts).partition(b"\r\n\r\n")
+    lines = head_.decode("latin-1").split("\r\n")
+    if not sep or not lines[0].startswith("HTTP/1."):
+        raise OSError("the answer ended early or is not HTTP")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks, rest = [], payload
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            chunks.append(rest[:size])
+            rest = rest[size + 2:]
+        payload = b"".join(chunks)
+    elif "content-length" in headers and len(payload) != int(headers["content-length"]):
+        raise OSError("the answer ended early")
+    return status, headers, payload
 
 try:
     timeout = float(server_setting("longembed.host_timeout", "120"))
 except ValueError:
     timeout = 120.0
-headers = {"Content-Type": "application/json"}
 if target.startswith("unix:"):
-    def connection():
-        return UnixHTTPConnection(target[len("unix:"):], timeout)
+    def post(body):
+        return post_unix(target[len("unix:"):], body, timeout)
 elif target.startswith(("http://", "https://")):
+    import http.client
     from urllib.parse import urlsplit
     url = urlsplit(target)
     cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-
-    def connection():
-        return cls(url.hostname, url.port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
     key_file = server_setting("longembed.host_key_file")
     if key_file:
         try:
@@ -127,6 +163,17 @@ elif target.startswith(("http://", "https://")):
                 headers["Authorization"] = "Bearer " + f.read().strip()
         except OSError as exc:
             plpy.error("longembed: cannot read longembed.host_key_file: %s" % exc, sqlstate="58030")
+
+    def post(body):
+        conn = cls(url.hostname, url.port, timeout=timeout)
+        try:
+            conn.request("POST", "/v1/embeddings", body, headers)
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        except http.client.HTTPException as exc:
+            raise OSError(str(exc)) from exc
+        finally:
+            conn.close()
 else:
     plpy.error("longembed: longembed.host must start with unix:, http:// or https://, got %r" % target,
                sqlstate="22023")
@@ -149,22 +196,18 @@ if instruction is not None:
 # A host that is loading its models or whose queue is full answers 503/429 with Retry-After: wait
 # (up to the timeout) rather than fail; the SELECT between tries lets a query cancel get through.
 deadline = time.monotonic() + timeout
+request = json.dumps(body).encode()
 while True:
-    conn = connection()
     try:
-        conn.request("POST", "/v1/embeddings", json.dumps(body), headers)
-        response = conn.getresponse()
-        payload = response.read()
-    except (OSError, http.client.HTTPException) as exc:
+        status, response_headers, payload = post(request)
+    except (OSError, ValueError) as exc:
         plpy.error("longembed: the model host at %s did not answer (%s)" % (target, exc),
                    hint="is it running? `longembed status` shows it; `longembed up` starts it",
                    sqlstate="08006")
-    finally:
-        conn.close()
-    if response.status not in (429, 503) or time.monotonic() >= deadline:
+    if status not in (429, 503) or time.monotonic() >= deadline:
         break
     try:
-        wait = float(response.getheader("Retry-After") or 1)
+        wait = float(response_headers.get("retry-after") or 1)
     except ValueError:
         wait = 1.0
     time.sleep(max(0.05, min(wait, 0.5, deadline - time.monotonic())))
@@ -173,12 +216,12 @@ try:
     answer = json.loads(payload)
 except ValueError:
     answer = {}
-if response.status != 200:
+if status != 200:
     error = answer.get("error") if isinstance(answer, dict) else None
     message = error.get("message") if isinstance(error, dict) else payload[:200].decode("utf-8", "replace")
     sqlstate = {400: "22023", 401: "28000", 403: "42501", 404: "42704", 413: "54000",
-                429: "53000", 503: "53000"}.get(response.status, "XX000")
-    plpy.error("longembed: %s" % message, detail="model host answered HTTP %d" % response.status,
+                429: "53000", 503: "53000"}.get(status, "XX000")
+    plpy.error("longembed: %s" % message, detail="model host answered HTTP %d" % status,
                sqlstate=sqlstate)
 served = answer.get("longembed") or {}
 if dim is not None or revision is not None:

@@ -40,6 +40,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="a model for the host to serve (repeatable; default: the bundled all-MiniLM-L6-v2)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="the host's torch threads (default: cores - 1; all cores answers a lone query faster, see README)",
+    )
     p.add_argument("--no-host", action="store_true", help="start PostgreSQL only (SQL embed() then fails)")
     p.set_defaults(run=_cmd_up)
 
@@ -124,6 +129,8 @@ def _start_host(server: EmbeddedServer, args: argparse.Namespace) -> None:
         serve_args += ["--socket-user", server.service_user]
     for model in args.model or []:
         serve_args += ["--model", model]
+    if args.threads is not None:
+        serve_args += ["--threads", str(args.threads)]
     # The application role, not the superuser; in the environment, not in argv (ps shows argv to all).
     env = dict(os.environ, LONGEMBED_DSN=server.app_dsn())
     pid = host.start(serve_args, env)
