@@ -43,7 +43,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        help="the host's torch threads (default: cores - 1; all cores answers a lone query faster, see README)",
+        help="the host's torch threads (default: cores - 1; all cores answer a lone query faster)",
     )
     p.add_argument("--no-host", action="store_true", help="start PostgreSQL only (SQL embed() then fails)")
     p.set_defaults(run=_cmd_up)
