@@ -20,6 +20,7 @@ from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
 from longembed.plugin.service.host import HostConfig
 from longembed.plugin.store.collections import create_collection, get_collection
+from tests.clirun import longembed
 from tests.hostutil import running_host
 from tests.jina_reference import jina_config, minilm_folder, write_checkpoint
 from tests.pgdb import migrated_database
@@ -29,17 +30,6 @@ from tests.pgdb import migrated_database
 def dsn(pg_dsn):
     with migrated_database(pg_dsn, "le_source") as url:
         yield url
-
-
-def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "longembed.plugin.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
 
 
 def model_folder(parent: Path, name: str) -> Path:
@@ -60,7 +50,7 @@ def test_collection_from_a_model_folder_is_served_from_another_directory(dsn, tm
         "A violin has four strings tuned in fifths and is played with a bow."
     )
 
-    made = cli(models, "ingest", "glacier.txt", "-c", "local", "--create", "--model", "my-minilm",
+    made = longembed(models, "ingest", "glacier.txt", "-c", "local", "--create", "--model", "my-minilm",
                "--dsn", dsn, "--no-progress")  # fmt: skip
     assert made.returncode == 0, made.stderr
     with connect(dsn) as conn:
@@ -69,15 +59,15 @@ def test_collection_from_a_model_folder_is_served_from_another_directory(dsn, tm
     assert collection.model_source == str((models / "my-minilm").resolve())
 
     # The inline worker of `ingest` and `search`, run from another directory, load it by its source.
-    more = cli(elsewhere, "ingest", "violin.txt", "-c", "local", "--dsn", dsn, "--no-progress")
+    more = longembed(elsewhere, "ingest", "violin.txt", "-c", "local", "--dsn", dsn, "--no-progress")
     assert more.returncode == 0, more.stderr
-    found = cli(elsewhere, "search", "local", "string instrument", "-k", "1", "--dsn", dsn)
+    found = longembed(elsewhere, "search", "local", "string instrument", "-k", "1", "--dsn", dsn)
     assert found.returncode == 0, found.stderr
     assert "violin.txt" in found.stdout.splitlines()[0]
 
 
 def test_bundled_default_is_recorded_by_its_hub_id_and_loads_offline(dsn, tmp_path):
-    made = cli(tmp_path, "collection", "create", "bundled", "--dsn", dsn)
+    made = longembed(tmp_path, "collection", "create", "bundled", "--dsn", dsn)
     assert made.returncode == 0, made.stderr
     with connect(dsn) as conn:
         collection = get_collection(conn, "bundled")
@@ -115,7 +105,7 @@ def test_loading_another_model_does_not_load_the_bundled_one(tmp_path):
 def test_search_refuses_a_model_whose_weights_changed(dsn, tmp_path):
     folder = model_folder(tmp_path, "drifting-minilm")
     (tmp_path / "note.txt").write_text("Comets grow tails of gas and dust as they near the sun.")
-    made = cli(tmp_path, "ingest", "note.txt", "-c", "drift", "--create", "--model", str(folder),
+    made = longembed(tmp_path, "ingest", "note.txt", "-c", "drift", "--create", "--model", str(folder),
                "--dsn", dsn, "--no-progress")  # fmt: skip
     assert made.returncode == 0, made.stderr
     # New weights under the same folder: fine-tuned, or a different download.
@@ -127,7 +117,7 @@ def test_search_refuses_a_model_whose_weights_changed(dsn, tmp_path):
 
     with connect(dsn) as conn:
         recorded = get_collection(conn, "drift").model_revision
-    found = cli(tmp_path, "search", "drift", "tails of comets", "--dsn", dsn)
+    found = longembed(tmp_path, "search", "drift", "tails of comets", "--dsn", dsn)
     assert found.returncode != 0 and found.stdout == ""
     assert f"holds vectors of revision {recorded}" in found.stderr
     assert "Put the original weights back, or create a new collection" in found.stderr

@@ -4,9 +4,6 @@ schema version 1 get the column on upgrade. Real MiniLM, the session's PostgreSQ
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import pytest
 from longembed.plugin.db import connect
 from longembed.plugin.migrate import migrate
 from longembed.plugin.store.search import search
+from tests.clirun import longembed
 from tests.pgdb import fresh_database, migrated_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,23 +28,12 @@ def dsn(pg_dsn):
         yield url
 
 
-def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "longembed.plugin.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-
-
 @pytest.fixture(scope="module")
 def ingested(dsn, tmp_path_factory):
     folder = tmp_path_factory.mktemp("docs")
     (folder / "long.txt").write_text(LONG)
     (folder / "short.txt").write_text(SHORT)
-    run = cli(folder, "ingest", "long.txt", "short.txt", "-c", "whole", "--create", "--mode", "full",
+    run = longembed(folder, "ingest", "long.txt", "short.txt", "-c", "whole", "--create", "--mode", "full",
               "--dsn", dsn, "--no-progress")  # fmt: skip
     assert run.returncode == 0, run.stderr
     return run, folder
@@ -80,10 +67,10 @@ def test_search_results_say_which_chunk_was_truncated(dsn, ingested):
             "SELECT external_id, truncated FROM search('whole', 'lighthouse keeper ships', 2)"
         )
         assert dict(rows.fetchall()) == python
-    found = cli(folder, "search", "whole", "lighthouse keeper ships", "--json", "--dsn", dsn)
+    found = longembed(folder, "search", "whole", "lighthouse keeper ships", "--json", "--dsn", dsn)
     assert found.returncode == 0, found.stderr
     assert {r["external_id"]: r["truncated"] for r in json.loads(found.stdout)} == python
-    text = cli(folder, "search", "whole", "lighthouse keeper ships", "--dsn", dsn).stdout
+    text = longembed(folder, "search", "whole", "lighthouse keeper ships", "--dsn", dsn).stdout
     assert [", truncated]" in line for line in text.splitlines() if "[chunk" in line].count(True) == 1
 
 

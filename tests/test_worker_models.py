@@ -6,10 +6,8 @@ does, in a subprocess started from another directory.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import psycopg
@@ -21,6 +19,7 @@ from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
 from longembed.plugin.store.collections import create_collection, get_collection
 from longembed.plugin.store.documents import Document, add_documents
+from tests.clirun import longembed
 from tests.jina_reference import jina_config, write_checkpoint
 from tests.pgdb import migrated_database
 
@@ -42,14 +41,7 @@ def _fill(conn: psycopg.Connection, name: str, model) -> None:
 
 
 def _worker(cwd, dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "longembed.plugin.cli", "worker", "--once", "--dsn", dsn, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
+    return longembed(cwd, "worker", "--once", "--dsn", dsn, *args)
 
 
 def _vectors(conn: psycopg.Connection, name: str) -> dict[str, np.ndarray]:
