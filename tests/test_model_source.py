@@ -117,7 +117,7 @@ def test_search_refuses_a_model_whose_weights_changed(dsn, tmp_path):
 
     with connect(dsn) as conn:
         recorded = get_collection(conn, "drift").model_revision
-    found = longembed(tmp_path, "search", "drift", "tails of comets", "--dsn", dsn)
+    found = longembed(tmp_path, "search", "-c", "drift", "tails of comets", "--dsn", dsn)
     assert found.returncode != 0 and found.stdout == ""
     assert f"holds vectors of revision {recorded}" in found.stderr
     assert "Put the original weights back, or create a new collection" in found.stderr

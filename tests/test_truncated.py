@@ -67,10 +67,10 @@ def test_search_results_say_which_chunk_was_truncated(dsn, ingested):
             "SELECT external_id, truncated FROM search('whole', 'lighthouse keeper ships', 2)"
         )
         assert dict(rows.fetchall()) == python
-    found = longembed(folder, "search", "whole", "lighthouse keeper ships", "--json", "--dsn", dsn)
+    found = longembed(folder, "search", "-c", "whole", "lighthouse keeper ships", "--json", "--dsn", dsn)
     assert found.returncode == 0, found.stderr
     assert {r["external_id"]: r["truncated"] for r in json.loads(found.stdout)} == python
-    text = longembed(folder, "search", "whole", "lighthouse keeper ships", "--dsn", dsn).stdout
+    text = longembed(folder, "search", "-c", "whole", "lighthouse keeper ships", "--dsn", dsn).stdout
     assert [", truncated]" in line for line in text.splitlines() if "[chunk" in line].count(True) == 1
 
 
