@@ -32,6 +32,7 @@ STOP_TIMEOUT_S = 15.0
 BACKOFF_START_S = 1.0
 BACKOFF_CAP_S = 30.0
 HEALTHY_RUN_S = 60.0  # a child that ran this long died of something new: restart at once
+EXIT_USAGE = 2  # `longembed serve` refused its arguments (plugin/cli/errors.py)
 
 
 class HostError(RuntimeError):
@@ -131,7 +132,9 @@ class HostProcess:
                 log_tail = self.log_tail()
                 raise HostError(f"the model host's supervisor exited; see {self.log_file}:\n{log_tail}")
             time.sleep(0.1)
-        raise HostError(f"the model host did not answer within {timeout:.0f} s; see {self.log_file}")
+        if process is not None:  # ours: do not leave it restarting a host that never comes up
+            self.stop()
+        raise HostError(f"the model host was not ready within {timeout:.0f} s; see {self.log_file}")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
         """SIGTERM the supervisor (which stops the host) and wait; False when none was running."""
@@ -193,6 +196,9 @@ def supervise(pid_file: Path, serve_args: list[str]) -> int:
         if stopping:
             break
         ran = time.monotonic() - started
+        if code == EXIT_USAGE and ran < HEALTHY_RUN_S:  # refused its configuration: a restart cannot help
+            print("longembed: the model host refused its configuration; not restarting", file=sys.stderr)
+            break
         if ran >= HEALTHY_RUN_S:
             backoff, wait = BACKOFF_START_S, 0.0
         else:
