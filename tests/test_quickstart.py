@@ -75,3 +75,20 @@ def test_quickstart_ingests_searches_and_is_rerunnable(own_home, tmp_path, capsy
 
     assert main(argv) == 0  # again: same server, nothing re-embedded
     assert "3 unchanged" in capsys.readouterr().out
+
+    # With the host up, `ingest` leaves the embedding to the host's worker (one model in memory) and
+    # still reports what the worker did.
+    (docs / "long.txt").write_text("The lighthouse keeper logged every passing ship. " * 400)
+    for collection, extra, summary in (
+        ("qs", [], "1 new, 0 changed, 0 re-queued, 3 unchanged"),
+        ("qsfull", ["--create", "--mode", "full"], "4 new"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "longembed.plugin.cli", "ingest", str(docs), "-c", collection, *extra,
+             "--no-progress"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert summary in result.stdout, result.stdout
+        assert f"embedded into {collection} by the model host" in result.stdout, result.stdout
+    assert "; 1 documents truncated at 256 tokens" in result.stdout  # full mode: the long text was cut

@@ -265,7 +265,7 @@ def test_the_model_runs_once_per_query_text(conn, vectors_table, model_host):
 
 def _host_inputs(host) -> float:
     """Texts the host has embedded for HTTP/SQL callers (its Prometheus counter)."""
-    status, text = host.health("/metrics")
+    status, text = host.get("/metrics")
     assert status == 200
     return sum(
         float(line.rsplit(" ", 1)[1])

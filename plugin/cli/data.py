@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import asdict
 
 import psycopg
+from psycopg import sql
 
 from longembed.encoder.chunking import DEFAULT_CHUNK_TOKENS
 from longembed.plugin import db
@@ -275,6 +276,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     settings = _worker_settings(args)
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     with _connect(args, schema=False) as conn:
+        started = conn.execute("SELECT now()").fetchone()[0]  # documents this run touches: updated since
         if args.create and not applied_versions(conn):
             with _connect(args, schema=False, admin=True) as admin:
                 migrate(admin)
@@ -322,7 +324,12 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             print(f"ignored {len(ignored)} files of other types (e.g. {ignored[0].source})", file=sys.stderr)
         failed = 0
         if not args.no_wait:
-            failed = _embed_inline(conn, collection, settings, progress=progress)
+            host = _embedded_host(args)
+            by_host = _embed_by_host(conn, collection, host, started, progress) if host else None
+            if by_host is None:
+                failed = _embed_inline(conn, collection, settings, progress=progress)
+            else:
+                failed = by_host
     if problems or failed:
         return errors.FAILURE
     if not outcomes and not args.prune:
@@ -361,6 +368,94 @@ def _add(conn: psycopg.Connection, collection, batch: list, problems: list) -> C
         except (ValueError, psycopg.DataError) as exc:
             problems.append(Skipped(f"document {doc.external_id!r}", str(exc).strip()))
     return counts
+
+
+HOST_STALL_S = 120.0  # no document done and none leased for this long: embed the rest here
+
+
+def _embedded_host(args: argparse.Namespace):
+    """The model host beside the embedded server when this command writes to that server and the host
+    is ready; None otherwise (another database, or no host): the CLI then embeds in its own process."""
+    from longembed.plugin.cli.server import host_of
+    from longembed.plugin.embedded.server import EmbeddedServer
+    from longembed.plugin.settings import settings
+
+    if getattr(args, "dsn", None) or settings().dsn:
+        return None
+    server = EmbeddedServer()
+    if server.running_pid() is None:
+        return None
+    host = host_of(server)
+    answer = host.get("/ready")
+    return host if answer is not None and answer[0] == 200 else None
+
+
+def _pending(conn: psycopg.Connection, collection) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE leased_until > now()) FROM longembed.queue "
+        "WHERE collection_id = %s",
+        (collection.id,),
+    ).fetchone()
+    return row[0], row[1]
+
+
+def _embed_by_host(conn: psycopg.Connection, collection, host, started, progress: bool) -> int | None:
+    """Let the model host's in-process worker embed the queue (one model in memory, its batches shared
+    with SQL and HTTP callers) and follow it; returns failed documents, or None where the host cannot
+    serve this collection's model or stalls (the caller then embeds here)."""
+    from tqdm import tqdm
+
+    # Asking for the model makes the host load it (a model a collection uses) and start its worker.
+    body = {"input": ["ready?"], "model": collection.model_source}
+    try:
+        status, _ = host.post("/v1/embeddings", body)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    remaining, _ = _pending(conn, collection)
+    last_change = time.monotonic()
+    with tqdm(total=remaining, desc="embed", unit="doc", disable=not progress, file=sys.stderr) as bar:
+        while remaining:
+            time.sleep(0.25)
+            now, leased = _pending(conn, collection)
+            if now < remaining or leased:
+                last_change = time.monotonic()
+            elif time.monotonic() - last_change > HOST_STALL_S:
+                print("the model host made no progress; embedding the rest here", file=sys.stderr)
+                return None
+            bar.update(max(0, remaining - now))
+            remaining = now
+    truncated = conn.execute(
+        sql.SQL(
+            "SELECT count(DISTINCT c.document_id) FROM {} c "
+            "JOIN longembed.documents d ON d.id = c.document_id WHERE c.truncated AND d.embedded_at >= %s"
+        ).format(collection.chunk_table),
+        (started,),
+    ).fetchone()[0]
+    failed = conn.execute(
+        "SELECT count(*) FROM longembed.documents WHERE collection_id = %s AND status = 'failed' "
+        "AND updated_at >= %s",
+        (collection.id, started),
+    ).fetchone()[0]
+    line = f"embedded into {collection.name} by the model host"
+    if truncated:
+        line += f"; {truncated} documents truncated at {host_max_tokens(host, collection)} tokens"
+    if failed:
+        print(f"{line}; {failed} documents failed (see `longembed collection list`)", file=sys.stderr)
+    else:
+        print(line)
+    return failed
+
+
+def host_max_tokens(host, collection) -> int | str:
+    status, answer = host.get("/v1/models") or (0, None)
+    if status == 200 and isinstance(answer, dict):
+        for entry in answer.get("data", []):
+            info = entry.get("longembed") or {}
+            if collection.model_source in (entry.get("id"), *info.get("aliases", [])):
+                return info.get("max_tokens", "the model's window")
+    return "the model's window"
 
 
 def _embed_inline(conn: psycopg.Connection, collection, settings: dict, *, progress: bool) -> int:

@@ -155,7 +155,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     plpython_dir = plpython.installed_dir(bundled_pginstall())  # a copy would have the same version
     host = host_of(server)
     host_pid = host.running_pid()
-    ready = host.health("/ready") if host_pid is not None else None
+    ready = host.get("/ready") if host_pid is not None else None
     host_status = {
         "running": host_pid is not None,
         "supervisor_pid": host_pid,

@@ -50,11 +50,15 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def request(socket_path: Path, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-    """GET `path` from the host over its Unix socket: (status, decoded JSON or text)."""
+def request(socket_path: Path, path: str, timeout: float = 5.0, body: Any = None) -> tuple[int, Any]:
+    """GET `path` from the host over its Unix socket (POST `body` as JSON when given):
+    (status, decoded JSON or text)."""
     conn = _UnixHTTPConnection(socket_path, timeout)
     try:
-        conn.request("GET", path)
+        if body is None:
+            conn.request("GET", path)
+        else:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
         response = conn.getresponse()
         body = response.read().decode("utf-8", "replace")
     finally:
@@ -88,12 +92,19 @@ class HostProcess:
                 return int(text) if text.isdigit() else None
             return None
 
-    def health(self, path: str = "/ready") -> tuple[int, Any] | None:
+    def get(self, path: str = "/ready") -> tuple[int, Any] | None:
         """The host's answer to `path`, or None when nothing answers on the socket."""
         try:
             return request(self.socket_path, path)
         except (OSError, http.client.HTTPException):
             return None
+
+    def post(self, path: str, body: Any, timeout: float = 120.0) -> tuple[int, Any]:
+        """POST `body` (JSON) to `path` over the socket; OSError when nothing answers."""
+        try:
+            return request(self.socket_path, path, timeout, body)
+        except http.client.HTTPException as exc:
+            raise OSError(str(exc)) from exc
 
     def start(self, serve_args: list[str], env: dict[str, str], timeout: float = READY_TIMEOUT_S) -> int:
         """Start the supervisor (unless one runs) and wait until the host is ready (/ready: models loaded,
@@ -125,7 +136,7 @@ class HostProcess:
             pid = process.pid
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            answer = self.health("/ready")
+            answer = self.get("/ready")
             if answer is not None and answer[0] == 200:
                 return pid
             if process is not None and process.poll() is not None:
