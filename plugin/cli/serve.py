@@ -77,6 +77,10 @@ def read_api_keys(path: str | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Idle OpenMP threads sleep instead of spinning (read when torch loads OpenMP, so before any import
+    # of it): with --threads at the core count, spinning made the host 3-25x slower on a busy machine
+    # (bench/RESULTS.md); a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from longembed.plugin.service.host import Host, HostConfig
     from longembed.plugin.service.server import BindRefused, bind_tcp, bind_unix, check_bind, serve
 
