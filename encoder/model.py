@@ -18,7 +18,7 @@ from longembed import triton_kernels
 from longembed.encoder.batching import Sequence, pack, plan_batches
 from longembed.encoder.chunking import char_span, check_mode, default_chunk_tokens, windows
 from longembed.encoder.loading import LoadedModel, load
-from longembed.encoder.profiles import KINDS, profile_for
+from longembed.encoder.profiles import KINDS, check_dimensions, profile_for, truncate_dim
 
 # Full mode tokenises a long text's head only: this many characters per token to keep is far more than
 # any BERT-family vocabulary needs (English averages 4-5), and a too-short head falls back to all of it.
@@ -114,8 +114,10 @@ class EmbeddingModel:
         instruction: str | None = None,
         batch_tokens: int | None = None,
         progress: bool = False,
+        dimensions: int | None = None,
     ) -> np.ndarray:
-        """One vector per text (truncated at max_tokens); float32 (n, dim), rows L2-normalised."""
+        """One vector per text (truncated at max_tokens); float32 (n, dim), rows L2-normalised.
+        `dimensions`: a Matryoshka size of the model (see `embed_chunks`); the rows are then that long."""
         chunks = self.embed_chunks(
             texts,
             mode="full",
@@ -123,9 +125,10 @@ class EmbeddingModel:
             instruction=instruction,
             batch_tokens=batch_tokens,
             progress=progress,
+            dimensions=dimensions,
         )
         if not chunks:
-            return np.zeros((0, self.info.dim), dtype=np.float32)
+            return np.zeros((0, dimensions or self.info.dim), dtype=np.float32)
         return np.stack([doc[0].vector for doc in chunks])
 
     def embed_chunks(
@@ -138,16 +141,24 @@ class EmbeddingModel:
         instruction: str | None = None,
         batch_tokens: int | None = None,
         progress: bool = False,
+        dimensions: int | None = None,
     ) -> list[list[Chunk]]:
         """Per text, its chunks in order: `full` one (maybe truncated), `chunk` token windows each
         embedded alone, `late` token windows pooled from one pass over the whole text.
 
         chunk_tokens defaults to encoder.chunking.default_chunk_tokens: what fits in the model's
         window next to the prefix, at most DEFAULT_CHUNK_TOKENS.
+        `dimensions`: None or the model's own size give its vectors; one of `info.matryoshka_dims` gives
+        each vector cut to that size by the Matryoshka recipe (profiles.truncate_dim); any other size is
+        refused (ValueError) before any work.
         The same as `prepare` (tokenise) + `run_sequences` (model) + `Plan.assemble`; the model host
         runs the middle step in its batcher, for sequences of many callers at once."""
+        check_dimensions(dimensions, self.info.dim, self.info.matryoshka_dims, self.info.name)
         plan = self.prepare(texts, mode, chunk_tokens, overlap, kind, instruction)
-        return plan.assemble(self.run_sequences(plan.sequences, plan.n_out, batch_tokens, progress))
+        rows = self.run_sequences(plan.sequences, plan.n_out, batch_tokens, progress)
+        if dimensions is not None and dimensions != self.info.dim:
+            rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
+        return plan.assemble(rows)
 
     def prepare(
         self,

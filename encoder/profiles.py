@@ -64,6 +64,27 @@ def profile_for(name: str, folder: Path) -> Profile:
     return Profile(pooling, prefixes, family.matryoshka_dims)
 
 
+def check_dimensions(dimensions: int | None, dim: int, allowed: Sequence[int], name: str) -> None:
+    """Refuse an output size model `name` cannot give: None or its own `dim` always pass (no truncation);
+    otherwise `dimensions` must be one of its Matryoshka sizes `allowed` (the profile's matryoshka_dims)."""
+    if dimensions is None:
+        return
+    if not isinstance(dimensions, int) or isinstance(dimensions, bool):
+        raise TypeError(f"dimensions must be an integer, got {type(dimensions).__name__}")
+    if dimensions == dim:
+        return
+    if not allowed:
+        raise ValueError(
+            f"{name} was not trained for Matryoshka truncation: dimensions must be omitted or {dim}, "
+            f"got {dimensions}"
+        )
+    if dimensions not in allowed:
+        sizes = ", ".join(str(d) for d in sorted(allowed, reverse=True))
+        raise ValueError(
+            f"dimensions must be one of {sizes} for {name} (its Matryoshka sizes), got {dimensions}"
+        )
+
+
 def truncate_dim(vectors: np.ndarray, dim: int, allowed: Sequence[int]) -> np.ndarray:
     """(n, full) embeddings -> (n, dim) float32 by Nomic's published Matryoshka recipe:
     layer_norm over the full vector (no affine), keep the first `dim` values, L2-normalise.

@@ -155,6 +155,17 @@ def test_unknown_model_setting_is_a_clear_error(conn, model):
     )
 
 
+def test_host_embed_asks_the_host_for_the_collection_size(conn, model):
+    """A collection's `dim` goes to the host as `dimensions` (a Matryoshka size is cut there): MiniLM
+    gives its own 384, and refuses 128 with the host's reason rather than a length mismatch here."""
+    sql_ = "SELECT (longembed.host_embed(ARRAY[%s], 'query', NULL, NULL, %s))[1]"
+    got = _vector(conn, sql_, ("sized text", 384))
+    np.testing.assert_allclose(got, model.embed(["sized text"], kind="query")[0], atol=1e-5)
+    refused = pytest.raises(errors.InvalidParameterValue, match="not trained for shorter vectors")
+    with refused, conn.transaction():
+        conn.execute(sql_, ("sized text", 128))
+
+
 def test_a_session_cannot_point_the_backend_at_another_host(conn, model):
     """Only the server's configuration names the host (a SET would send the texts, and with HTTP the
     key, wherever a session likes)."""

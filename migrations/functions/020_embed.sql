@@ -85,7 +85,7 @@ if not target:
                     "longembed.host = 'http://HOST:PORT' in postgresql.conf (or ALTER SYSTEM) and reload",
                sqlstate="55000")
 cache = GD.setdefault("longembed_vectors", OrderedDict())
-key_base = (target, model or "", kind, instruction)
+key_base = (target, model or "", kind, instruction, dim)  # two collections of one model may differ in size
 out = [None] * len(inputs)
 missing = {}
 for i, text in enumerate(inputs):
@@ -193,6 +193,9 @@ if model:
     body["model"] = model
 if instruction is not None:
     body["instruction"] = instruction
+if dim is not None:
+    # The collection's size: the model's own, or a Matryoshka size the host cuts its vectors to.
+    body["dimensions"] = dim
 # A host that is loading its models or whose queue is full answers 503/429 with Retry-After: wait
 # (up to the timeout) rather than fail; the SELECT between tries lets a query cancel get through.
 deadline = time.monotonic() + timeout

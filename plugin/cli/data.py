@@ -131,6 +131,12 @@ def _collection_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--text-search-config", default=unset, help="PostgreSQL text search configuration (english)"
     )
+    g.add_argument(
+        "--dimensions",
+        type=options.positive_int,
+        default=unset,
+        help="vector size: the model's (default) or one of its Matryoshka sizes, e.g. 256",
+    )
 
 
 COLLECTION_SETTINGS = (
@@ -143,7 +149,10 @@ COLLECTION_SETTINGS = (
     "query_prefix",
     "document_prefix",
     "text_search_config",
+    "dimensions",
 )
+# A setting whose Collection field has another name.
+SETTING_FIELDS = {"dimensions": "dim"}
 
 
 def _given_settings(args: argparse.Namespace) -> dict:
@@ -340,10 +349,12 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _check_settings(collection, args: argparse.Namespace) -> None:
     """Settings given for an existing collection must be its own: they apply only when it is created."""
+    given = _given_settings(args).items()
+    has = {name: getattr(collection, SETTING_FIELDS.get(name, name)) for name, _ in given}
     differ = [
-        f"--{name.replace('_', '-')} {value} (it has {getattr(collection, name)})"
-        for name, value in _given_settings(args).items()
-        if getattr(collection, name) != value
+        f"--{name.replace('_', '-')} {value} (it has {has[name]})"
+        for name, value in given
+        if has[name] != value
     ]
     if differ:
         raise errors.UsageError(

@@ -46,6 +46,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overlap", type=options.non_negative_int, default=32, help="overlapping tokens between chunks"
     )
+    p.add_argument(
+        "--dimensions",
+        type=options.positive_int,
+        default=None,
+        help="a Matryoshka size of the model (e.g. 256 for nomic-embed-text-v1.5): shorter vectors",
+    )
     options.batch_tokens(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
@@ -96,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
         instruction=args.instruction,
         batch_tokens=args.batch_tokens,
         progress=progress,
+        dimensions=args.dimensions,
     )
     if args.output.endswith(".npy"):
-        matrix = (
-            np.stack([doc[0].vector for doc in docs]) if docs else np.zeros((0, model.info.dim), np.float32)
-        )
+        dim = args.dimensions or model.info.dim
+        matrix = np.stack([doc[0].vector for doc in docs]) if docs else np.zeros((0, dim), np.float32)
         np.save(args.output, matrix)
     else:
         out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115

@@ -69,7 +69,8 @@ class WorkerStats:
 
 def incompatibility(collection: Collection, info: Any) -> str | None:
     """Why a model with ModelInfo `info` must not embed `collection`, or None when it may."""
-    if collection.dim != info.dim:
+    # A Matryoshka model also gives the shorter sizes it was trained for (profiles.truncate_dim).
+    if collection.dim != info.dim and collection.dim not in info.matryoshka_dims:
         return (
             f"dimension mismatch: collection {collection.name!r} stores {collection.dim}-d vectors "
             f"({collection.model_name}), the loaded model {info.name} gives {info.dim}-d vectors"
@@ -287,6 +288,8 @@ class Worker:
             kind="document",
             instruction=collection.document_prefix,
             batch_tokens=self.config.batch_tokens,
+            # Only when truncating: a model of the collection's own size needs no `dimensions`.
+            **({"dimensions": collection.dim} if collection.dim != self.model.info.dim else {}),
         )
         for doc_chunks in chunks:
             if not doc_chunks:

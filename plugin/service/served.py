@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from longembed.encoder.profiles import truncate_dim
+from longembed.encoder.profiles import check_dimensions, truncate_dim
 from longembed.plugin.service.batcher import INGESTION, Batcher
 from longembed.plugin.service.errors import invalid
 
@@ -109,9 +109,14 @@ class BatchedModel:
         instruction: str | None = None,
         batch_tokens: int | None = None,  # the batcher's own budget applies
         progress: bool = False,
+        dimensions: int | None = None,  # a Matryoshka size: as EmbeddingModel.embed_chunks
     ) -> list:
+        check_dimensions(dimensions, self.info.dim, self.info.matryoshka_dims, self.info.name)
         plan = self._served.model.prepare(texts, mode, chunk_tokens, overlap, kind, instruction)
-        return plan.assemble(self._served.batcher.submit(plan.sequences, plan.n_out, self._priority).result())
+        rows = self._served.batcher.submit(plan.sequences, plan.n_out, self._priority).result()
+        if dimensions is not None and dimensions != self.info.dim:
+            rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
+        return plan.assemble(rows)
 
     def count_tokens(self, texts: Seq[str]) -> list[int]:
         return self._served.model.count_tokens(texts)

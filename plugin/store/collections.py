@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from longembed.encoder.chunking import check_mode, default_chunk_tokens
+from longembed.encoder.profiles import check_dimensions
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAX_HNSW_DIM = 2000
@@ -112,6 +113,7 @@ def create_collection(
     hnsw_m: int = 16,
     hnsw_ef_construction: int = 64,
     text_search_config: str = "english",
+    dimensions: int | None = None,
 ) -> Collection:
     """Create a collection for `model` with its chunk table and HNSW index.
 
@@ -119,14 +121,19 @@ def create_collection(
     tokens can only be counted with the model's tokenizer). `chunk_tokens` defaults as in the encoder
     (encoder.chunking.default_chunk_tokens): what fits the model's window next to [CLS], [SEP] and the
     document prefix, at most DEFAULT_CHUNK_TOKENS. Prefixes default (None) to the model's own.
+    `dimensions`: the vectors' size, the model's own by default, or one of its Matryoshka sizes
+    (`matryoshka_dims`): its vectors, documents' and queries', are then cut to that size.
     """
     validate_name(name)
     info: ModelDescription = getattr(model, "info", model)
     check_mode(mode, info.pooling, info.name)
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}: expected one of {', '.join(DISTANCES)}")
-    if not 1 <= info.dim <= MAX_HNSW_DIM:
-        raise ValueError(f"dimension {info.dim} is outside 1..{MAX_HNSW_DIM}, what pgvector HNSW indexes")
+    # ModelInfo's matryoshka_dims: the shorter sizes it was trained to give (none for most models).
+    check_dimensions(dimensions, info.dim, getattr(info, "matryoshka_dims", ()), info.name)
+    dim = info.dim if dimensions is None else dimensions
+    if not 1 <= dim <= MAX_HNSW_DIM:
+        raise ValueError(f"dimension {dim} is outside 1..{MAX_HNSW_DIM}, what pgvector HNSW indexes")
     prefix = info.prefixes["document"] if document_prefix is None else document_prefix
     prefix_tokens = 0
     if prefix:
@@ -163,7 +170,7 @@ def create_collection(
                     info.name,
                     info.source,
                     info.revision,
-                    info.dim,
+                    dim,
                     mode,
                     chunk_tokens,
                     overlap,

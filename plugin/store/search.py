@@ -93,7 +93,7 @@ def embed_query(collection: Collection, text: str, model: Any = None) -> np.ndar
         from longembed.plugin.models import get_model
 
         model = get_model(collection.model_source)
-    if model.info.dim != collection.dim:
+    if model.info.dim != collection.dim and collection.dim not in model.info.matryoshka_dims:
         raise ValueError(
             f"dimension mismatch: collection {collection.name!r} has {collection.dim}-d vectors, "
             f"model {model.info.name} gives {model.info.dim}-d"
@@ -106,7 +106,9 @@ def embed_query(collection: Collection, text: str, model: Any = None) -> np.ndar
             f"{model.info.source} is revision {model.info.revision}. Put the original weights back, or "
             "create a new collection with this model and ingest the documents into it again"
         )
-    return model.embed([text], kind="query", instruction=collection.query_prefix)[0]
+    # A collection of a Matryoshka size gets its queries cut to that size too.
+    sized = {"dimensions": collection.dim} if collection.dim != model.info.dim else {}
+    return model.embed([text], kind="query", instruction=collection.query_prefix, **sized)[0]
 
 
 def _as_vector(query: Any, dim: int) -> np.ndarray:
