@@ -4,6 +4,7 @@ named nomic-embed-text-v1.5 (the folder name picks the profile, hence the sizes 
 from __future__ import annotations
 
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,10 +19,12 @@ from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
 from longembed.plugin.pipeline.worker import Worker, WorkerConfig, incompatibility
 from longembed.plugin.service.batcher import Batcher
+from longembed.plugin.service.host import HostConfig
 from longembed.plugin.service.served import BatchedModel, ServedModel
 from longembed.plugin.store.collections import create_collection, get_collection
-from longembed.plugin.store.documents import Document, add_documents
+from longembed.plugin.store.documents import Document, add_documents, document_states
 from longembed.plugin.store.search import embed_query, search
+from tests.hostutil import running_host
 from tests.pgdb import migrated_database
 from tests.test_nomic_bert import nomic_config, random_state, reference_vectors, write_folder
 
@@ -197,3 +200,23 @@ def test_cli_collection_and_ingest_dimensions(dsn, checkpoint, tmp_path, capsys)
     assert main(["ingest", str(docs), "-c", "c64", "--dsn", dsn, "--dimensions", "64"]) == errors.OK
     code = main(["collection", "create", "-c", "mini", "--dsn", dsn, "--dimensions", "128"])
     assert code == errors.USAGE and "not trained for Matryoshka" in capsys.readouterr().err
+
+
+def test_host_worker_embeds_a_collection_of_a_matryoshka_size(dsn, checkpoint, nomic):
+    """The host's in-process worker (BatchedModel over its batcher) cuts documents to the collection size."""
+    with connect(dsn) as conn:
+        collection = create_collection(conn, "hosted128", nomic, mode="full", dimensions=128)
+        add_documents(conn, collection, [Document(k, v) for k, v in DOCS.items()])
+        with running_host(HostConfig(models=(str(checkpoint[0]),), dsn=dsn)):
+            deadline = time.monotonic() + 60
+            while any(s.status != "embedded" for s in document_states(conn, "hosted128").values()):
+                assert time.monotonic() < deadline, document_states(conn, "hosted128")
+                time.sleep(0.2)
+        rows = conn.execute(
+            f"SELECT d.external_id, c.embedding FROM longembed.chunks_{collection.id} c "
+            "JOIN longembed.documents d ON d.id = c.document_id ORDER BY 1"
+        ).fetchall()
+    assert [key for key, _ in rows] == sorted(DOCS)
+    want = nomic.embed([DOCS[key] for key, _ in rows], dimensions=128)
+    got = np.stack([np.asarray(vector.to_numpy(), dtype=np.float32) for _, vector in rows])
+    assert got.shape == (len(DOCS), 128) and np.abs(got - want).max() < 1e-5
