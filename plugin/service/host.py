@@ -8,7 +8,9 @@ when a collection in the database uses it (the host never loads arbitrary names 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from longembed.plugin.service.served import BatchedModel, ServedModel
 log = logging.getLogger(__name__)
 
 DB_TIMEOUT_S = 3  # connect timeout of the host's own short database calls
+IDLE_CONNECTIONS = 8  # search connections kept open between requests
 WORKER_RETRY_S = 5.0  # pause before reconnecting after the worker's connection broke
 
 
@@ -65,6 +68,7 @@ class Host:
         self._load_error: str | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._idle: queue.LifoQueue[psycopg.Connection] = queue.LifoQueue(maxsize=IDLE_CONNECTIONS)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -102,6 +106,8 @@ class Host:
             models = list(self._models)
         for served in models:
             served.batcher.stop()
+        while not self._idle.empty():
+            self._idle.get_nowait().close()
 
     # -- models --------------------------------------------------------------------------------
 
@@ -193,6 +199,31 @@ class Host:
             connect_timeout=DB_TIMEOUT_S,
             application_name=application_name,
         )
+
+    @contextlib.contextmanager
+    def database(self) -> Iterator[psycopg.Connection]:
+        """A connection for a request (search), pgvector's types registered, reused by later requests;
+        one that broke is dropped. ApiError 503 when the database does not answer."""
+        if not self.config.dsn:
+            raise ApiError(503, "this host has no database: start it with --dsn (or LONGEMBED_DSN)")
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            try:
+                conn = connect(self.config.dsn, application_name="longembed host search")
+            except psycopg.Error as exc:
+                raise ApiError(503, f"the database did not answer: {exc}", retry_after=5) from None
+        try:
+            yield conn
+        finally:
+            idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            if conn.broken or conn.closed or not idle:
+                conn.close()
+            else:
+                try:
+                    self._idle.put_nowait(conn)
+                except queue.Full:
+                    conn.close()
 
     def ready(self) -> str | None:
         """None when the host can embed (models loaded, database answering), else the reason."""

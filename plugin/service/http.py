@@ -1,5 +1,6 @@
-"""The HTTP face of the model host (Starlette): OpenAI's /v1/embeddings and /v1/models, plus /health,
-/ready and /metrics. This module only translates requests and answers; the host does the work.
+"""The HTTP face of the model host (Starlette): OpenAI's /v1/embeddings and /v1/models, /v1/search (the
+same rows as SQL `longembed.search()`, for backends without a database driver), /health, /ready and
+/metrics. This module only translates requests and answers; the host does the work.
 
 Every error is OpenAI-shaped JSON, `{"error": {"message", "type", "param", "code"}}`, never a trace.
 API keys (when configured) guard /v1/* and /metrics on TCP; the Unix socket needs none (its file
@@ -15,9 +16,10 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -31,6 +33,8 @@ from longembed.plugin.service.batcher import INTERACTIVE, BatcherStopped, QueueF
 from longembed.plugin.service.errors import ApiError, invalid
 from longembed.plugin.service.host import Host, HostConfig
 from longembed.plugin.service.served import OVERFLOWS
+from longembed.plugin.store.collections import CollectionNotFound, get_collection
+from longembed.plugin.store.search import search_by_vector
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,71 @@ def build_app(host: Host) -> Starlette:
             }
         )
 
+    async def search(request: Request) -> Response:
+        req = parse_search_request(await _read_json(request, host.config.max_body_bytes), host.config)
+        with host.database() as conn:
+
+            def prepare() -> tuple[Any, Any, Any, int | None]:  # the collection, maybe a model load
+                try:
+                    collection = get_collection(conn, req.collection)
+                except CollectionNotFound:
+                    raise ApiError(
+                        404,
+                        f"no collection named {req.collection!r}",
+                        param="collection",
+                        code="collection_not_found",
+                    ) from None
+                served = host.model(collection.model_source)
+                if served.info.revision != collection.model_revision:
+                    raise ApiError(
+                        409,
+                        f"collection {collection.name!r} was embedded with revision "
+                        f"{collection.model_revision} of {served.info.name}; this host serves revision "
+                        f"{served.info.revision}: serve those weights, or embed into a new collection",
+                        code="revision_mismatch",
+                    )
+                dims = collection.dim if collection.dim != served.info.dim else None
+                served.check_dimensions(dims)
+                return collection, served, served.plan([req.query], "query", collection.query_prefix,
+                                                       "truncate"), dims  # fmt: skip
+
+            collection, served, plan, dims = await run_in_threadpool(prepare)
+            try:
+                future = served.submit(plan, INTERACTIVE)
+            except QueueFull as exc:
+                raise ApiError(
+                    429, f"{exc}; retry later", code="queue_full", retry_after=exc.retry_after
+                ) from None
+            except BatcherStopped as exc:
+                raise ApiError(503, str(exc), retry_after=5) from None
+            rows = await asyncio.wrap_future(future)
+            embedded = served.finish(plan, rows, "truncate", dims)
+            vector = embedded.vectors[0]
+            try:
+                results = await run_in_threadpool(
+                    search_by_vector,
+                    conn,
+                    collection,
+                    vector,
+                    req.k,
+                    filter=req.filter,
+                    ef_search=req.ef_search,
+                    hybrid_text=req.query if req.hybrid else None,
+                )
+            except ValueError as exc:
+                raise invalid(str(exc)) from None
+            except psycopg.Error as exc:
+                raise ApiError(503, f"the search failed in the database: {exc}", retry_after=5) from None
+        return JSONResponse(
+            {
+                "object": "list",
+                "collection": collection.name,
+                "model": served.info.name,
+                "data": [asdict(r) for r in results],
+                "usage": {"prompt_tokens": embedded.n_tokens[0], "total_tokens": embedded.n_tokens[0]},
+            }
+        )
+
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_entry(m) for m in host.models()]})
 
@@ -154,12 +223,48 @@ def build_app(host: Host) -> Starlette:
     routes = [
         Route("/v1/embeddings", endpoint("embeddings", embeddings, True), methods=["POST"]),
         Route("/embeddings", endpoint("embeddings", embeddings, True), methods=["POST"]),
+        Route("/v1/search", endpoint("search", search, True), methods=["POST"]),
         Route("/v1/models", endpoint("models", models, True), methods=["GET"]),
         Route("/health", endpoint("health", health, False), methods=["GET"]),
         Route("/ready", endpoint("ready", ready, False), methods=["GET"]),
         Route("/metrics", endpoint("metrics", metrics, True), methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    collection: str
+    query: str
+    k: int
+    filter: dict[str, Any] | None
+    hybrid: bool
+    ef_search: int | None
+
+
+def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequest:
+    """Validate a /v1/search body (the arguments of SQL `longembed.search()`); ApiError 400 if bad."""
+    collection = body.get("collection")
+    if not isinstance(collection, str) or not collection:
+        raise invalid("'collection' is required: the collection's name", "collection")
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise invalid("'query' is required: a text that is not empty or only whitespace", "query")
+    if len(query) > config.max_input_chars:
+        raise invalid(f"'query' has {len(query)} characters; at most {config.max_input_chars}", "query")
+    k = body.get("k", 10)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise invalid(f"'k' must be an integer, got {_json_type(k)}", "k")
+    filter_ = body.get("filter")
+    if filter_ is not None and not isinstance(filter_, dict):
+        raise invalid(f"'filter' must be a JSON object, got {_json_type(filter_)}", "filter")
+    hybrid = body.get("hybrid", False)
+    if not isinstance(hybrid, bool):
+        raise invalid(f"'hybrid' must be true or false, got {_json_type(hybrid)}", "hybrid")
+    ef_search = body.get("ef_search")
+    if ef_search is not None and (isinstance(ef_search, bool) or not isinstance(ef_search, int)):
+        raise invalid(f"'ef_search' must be an integer, got {_json_type(ef_search)}", "ef_search")
+    return SearchRequest(collection, query, k, filter_, hybrid, ef_search)
 
 
 def parse_embedding_request(body: dict[str, Any], config: HostConfig) -> EmbeddingRequest:

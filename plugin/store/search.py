@@ -55,6 +55,41 @@ def search(
     the encoder for text queries (default: the collection's model, loaded once per process).
     """
     target = collection if isinstance(collection, Collection) else get_collection(conn, collection)
+    _check_arguments(k, ef_search, filter)
+    text = query if isinstance(query, str) else None
+    if hybrid and text is None:
+        raise ValueError("hybrid search needs a text query")
+    vector = embed_query(target, text, model) if text is not None else _as_vector(query, target.dim)
+    return search_by_vector(
+        conn, target, vector, k, filter=filter, ef_search=ef_search, hybrid_text=text if hybrid else None
+    )
+
+
+def search_by_vector(
+    conn: psycopg.Connection,
+    collection: Collection,
+    vector: np.ndarray,
+    k: int = 10,
+    *,
+    filter: Mapping[str, Any] | None = None,
+    ef_search: int | None = None,
+    hybrid_text: str | None = None,
+) -> list[SearchResult]:
+    """The search for a query vector embedded elsewhere (the model host's /v1/search); `hybrid_text`:
+    fuse with full-text ranking of that text."""
+    _check_arguments(k, ef_search, filter)
+    params = (collection.name, vector, k, Jsonb(dict(filter)) if filter is not None else None, ef_search)
+    if hybrid_text is not None:
+        rows = conn.execute(
+            "SELECT * FROM longembed.search_hybrid(%s, %s, %s, %s, %s, %s)",
+            (collection.name, hybrid_text, *params[1:]),
+        ).fetchall()
+    else:
+        rows = conn.execute("SELECT * FROM longembed.search_vector(%s, %s, %s, %s, %s)", params).fetchall()
+    return [SearchResult(*row) for row in rows]
+
+
+def _check_arguments(k: Any, ef_search: Any, filter: Any) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
     if ef_search is not None and (
@@ -63,19 +98,6 @@ def search(
         raise ValueError(f"ef_search must be an integer in 1..1000, got {ef_search!r}")
     if filter is not None and not isinstance(filter, Mapping):
         raise ValueError(f"filter must be a JSON object (dict), got {type(filter).__name__}")
-    text = query if isinstance(query, str) else None
-    if hybrid and text is None:
-        raise ValueError("hybrid search needs a text query")
-    vector = embed_query(target, text, model) if text is not None else _as_vector(query, target.dim)
-
-    params = (target.name, vector, k, Jsonb(dict(filter)) if filter is not None else None, ef_search)
-    if hybrid:
-        rows = conn.execute(
-            "SELECT * FROM longembed.search_hybrid(%s, %s, %s, %s, %s, %s)", (target.name, text, *params[1:])
-        ).fetchall()
-    else:
-        rows = conn.execute("SELECT * FROM longembed.search_vector(%s, %s, %s, %s, %s)", params).fetchall()
-    return [SearchResult(*row) for row in rows]
 
 
 def require_text(text: str, what: str = "query text") -> None:
