@@ -6,9 +6,12 @@ model, so a process never holds two copies of one model.
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 from typing import Any
+
+_models: dict[str, Any] = {}
+_lock = threading.Lock()  # one load at a time: two callers of one source share one copy
 
 
 def get_model(source: str | os.PathLike | None = None) -> Any:
@@ -19,13 +22,23 @@ def get_model(source: str | os.PathLike | None = None) -> Any:
     or the folder's absolute path), so `get_model(collection.model_source)` works from any directory.
     None and the default's hub id are the same (bundled, offline) model; nothing else loads it.
     """
+    key = _key(source)
+    with _lock:
+        model = _models.get(key)
+        if model is None:
+            from longembed.encoder import load_model
+
+            model = _models[key] = load_model(key)
+    return model
+
+
+def forget_model(source: str | os.PathLike | None) -> None:
+    """Drop this process's copy of a model (a worker's memory budget); the next get_model loads it again."""
+    with _lock:
+        _models.pop(_key(source), None)
+
+
+def _key(source: str | os.PathLike | None) -> str:
     from longembed.encoder.loading import DEFAULT_MODEL  # imports torch: only when a model is needed
 
-    return _load(DEFAULT_MODEL if source is None else os.fspath(source))
-
-
-@functools.cache
-def _load(source: str) -> Any:
-    from longembed.encoder import load_model
-
-    return load_model(source)
+    return DEFAULT_MODEL if source is None else os.fspath(source)

@@ -56,14 +56,11 @@ def model_host(request: pytest.FixtureRequest) -> Iterator[object]:
     if os.environ.get("LONGEMBED_TEST_DSN"):
         yield None
         return
-    from longembed.plugin.cli.server import host_of
+    from longembed.plugin.cli.server import host_of, host_serve_args
 
     server = request.getfixturevalue("embedded_server")
     host = host_of(server)
-    serve_args = ["--socket", str(server.host_socket), "--port", "0"]
-    if server.service_user is not None:
-        serve_args += ["--socket-user", server.service_user]
-    host.start(serve_args, dict(os.environ, LONGEMBED_DSN=server.dsn()))
+    host.start(host_serve_args(server, http_port=0), dict(os.environ, LONGEMBED_DSN=server.dsn()))
     try:
         yield host
     finally:

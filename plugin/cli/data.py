@@ -451,7 +451,7 @@ def _embed_by_host(conn: psycopg.Connection, collection, host, started, progress
     ).fetchone()[0]
     line = f"embedded into {collection.name} by the model host"
     if truncated:
-        line += f"; {truncated} documents truncated at {host_max_tokens(host, collection)} tokens"
+        line += f"; {truncated} documents truncated at {_host_max_tokens(host, collection)} tokens"
     if failed:
         print(f"{line}; {failed} documents failed (see `longembed collection list`)", file=sys.stderr)
     else:
@@ -459,7 +459,7 @@ def _embed_by_host(conn: psycopg.Connection, collection, host, started, progress
     return failed
 
 
-def host_max_tokens(host, collection) -> int | str:
+def _host_max_tokens(host, collection) -> int | str:
     status, answer = host.get("/v1/models") or (0, None)
     if status == 200 and isinstance(answer, dict):
         for entry in answer.get("data", []):
@@ -580,7 +580,7 @@ def _worker_process(
     A lost connection (server restart, backend terminated) is re-opened with backoff; the batch it held
     comes back to the queue when its lease runs out.
     """
-    from longembed.plugin.models import get_model
+    from longembed.plugin.models import forget_model, get_model
     from longembed.plugin.pipeline.worker import EveryModel, Worker, WorkerStats
 
     logging.basicConfig(level=logging.INFO, format=f"worker {os.getpid()}: %(message)s")
@@ -590,7 +590,9 @@ def _worker_process(
     model = get_model(model_name) if model_name is not None else None
     every = None
     if model is None:  # every collection, each with its own model, loaded when it has work
-        every = EveryModel(None, get_model, lambda m: _worker_config(settings, m), names, max_models)
+        every = EveryModel(
+            None, get_model, lambda m: _worker_config(settings, m), names, max_models, unload=forget_model
+        )
     total = WorkerStats()
     delay, connected = 1.0, False
     while not stop.is_set():

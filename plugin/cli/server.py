@@ -113,6 +113,24 @@ def host_of(server: EmbeddedServer) -> HostProcess:
     return HostProcess(server.home, server.host_socket, server.home / "log" / "host.log")
 
 
+def host_serve_args(
+    server: EmbeddedServer,
+    http_port: int,
+    models: list[str] | tuple[str, ...] = (),
+    threads: int | None = None,
+) -> list[str]:
+    """`longembed serve` arguments for the host beside `server`: its socket (handed to the server's OS
+    user as root, so backends connect), the HTTP port (0: none), models and torch threads."""
+    args = ["--socket", str(server.host_socket), "--port", str(http_port)]
+    if server.service_user is not None:
+        args += ["--socket-user", server.service_user]
+    for model in models:
+        args += ["--model", model]
+    if threads is not None:
+        args += ["--threads", str(threads)]
+    return args
+
+
 def _start_host(server: EmbeddedServer, args: argparse.Namespace) -> None:
     host = host_of(server)
     pid = host.running_pid()
@@ -124,13 +142,7 @@ def _start_host(server: EmbeddedServer, args: argparse.Namespace) -> None:
         raise HostError(
             f"port {http_port} on 127.0.0.1 is in use: pass --http-port N (0: only the Unix socket)"
         )
-    serve_args = ["--socket", str(server.host_socket), "--port", str(http_port)]
-    if server.service_user is not None:
-        serve_args += ["--socket-user", server.service_user]
-    for model in args.model or []:
-        serve_args += ["--model", model]
-    if args.threads is not None:
-        serve_args += ["--threads", str(args.threads)]
+    serve_args = host_serve_args(server, http_port, args.model or [], args.threads)
     # The application role, not the superuser; in the environment, not in argv (ps shows argv to all).
     env = dict(os.environ, LONGEMBED_DSN=server.app_dsn())
     pid = host.start(serve_args, env)

@@ -352,6 +352,7 @@ class EveryModel:
         names: Sequence[str] | None = None,
         max_models: int = 2,
         retry_seconds: float = 60.0,
+        unload: Callable[[str], None] | None = None,
     ) -> None:
         if max_models < 1:
             raise ValueError("max_models must be at least 1")
@@ -361,6 +362,7 @@ class EveryModel:
         self.names = list(names) if names else None
         self.max_models = max_models
         self.retry_seconds = retry_seconds
+        self.unload = unload  # where `load` caches its models, this lets an evicted one go
         self.loaded: OrderedDict[str, EmbeddingModel] = OrderedDict()
         self._broken: dict[str, float] = {}  # source -> when loading it failed
 
@@ -373,6 +375,8 @@ class EveryModel:
             return None
         while len(self.loaded) >= self.max_models:
             evicted, _ = self.loaded.popitem(last=False)
+            if self.unload is not None:
+                self.unload(evicted)
             log.info("unloading %s (at most %d models at once)", evicted, self.max_models)
         try:
             model = self.load(source)

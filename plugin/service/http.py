@@ -100,15 +100,7 @@ def build_app(host: Host) -> Starlette:
             served, plan = prepare()  # microseconds: cheaper than a hop to a worker thread and back
         else:  # in a worker thread: long texts, or a model to load or to look up in the database
             served, plan = await run_in_threadpool(prepare)
-        try:
-            future = served.submit(plan, INTERACTIVE)
-        except QueueFull as exc:
-            raise ApiError(
-                429, f"{exc}; retry later", code="queue_full", retry_after=exc.retry_after
-            ) from None
-        except BatcherStopped as exc:
-            raise ApiError(503, str(exc), retry_after=5) from None
-        rows = await asyncio.wrap_future(future)
+        rows = await _compute(served, plan)
         host.metrics.inputs.labels(served.info.name).inc(len(req.texts))
         result = served.finish(plan, rows, req.overflow, req.dimensions)
         if req.encoding_format == "base64":
@@ -162,15 +154,7 @@ def build_app(host: Host) -> Starlette:
                                                        "truncate"), dims  # fmt: skip
 
             collection, served, plan, dims = await run_in_threadpool(prepare)
-            try:
-                future = served.submit(plan, INTERACTIVE)
-            except QueueFull as exc:
-                raise ApiError(
-                    429, f"{exc}; retry later", code="queue_full", retry_after=exc.retry_after
-                ) from None
-            except BatcherStopped as exc:
-                raise ApiError(503, str(exc), retry_after=5) from None
-            rows = await asyncio.wrap_future(future)
+            rows = await _compute(served, plan)
             embedded = served.finish(plan, rows, "truncate", dims)
             vector = embedded.vectors[0]
             try:
@@ -240,6 +224,17 @@ class SearchRequest:
     filter: dict[str, Any] | None
     hybrid: bool
     ef_search: int | None
+
+
+async def _compute(served: Any, plan: Any) -> Any:
+    """The plan's rows from the batcher at interactive priority; a full queue is 429, a stopped one 503."""
+    try:
+        future = served.submit(plan, INTERACTIVE)
+    except QueueFull as exc:
+        raise ApiError(429, f"{exc}; retry later", code="queue_full", retry_after=exc.retry_after) from None
+    except BatcherStopped as exc:
+        raise ApiError(503, str(exc), retry_after=5) from None
+    return await asyncio.wrap_future(future)
 
 
 def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequest:
