@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,11 @@ def test_quickstart_ingests_searches_and_is_rerunnable(own_home, tmp_path, capsy
     argv = ["quickstart", str(docs), "--query", "I forgot my login password", "--collection", "qs"]
     assert main(argv) == 0
     out = capsys.readouterr().out
+    # Every step it prints is a command a user can paste into a shell as it stands.
+    steps = [line[2:].split("    # ")[0] for line in out.splitlines() if line.startswith("$ longembed ")]
+    assert ["longembed", "search", "-c", "qs", "I forgot my login password", "-k", "3"] in [
+        shlex.split(step) for step in steps
+    ]
     ranked = [line for line in out.splitlines() if line.strip().startswith("1. ")]
     assert ranked and "passwords.md" in ranked[-1]
     assert "3 documents: 3 new" in out

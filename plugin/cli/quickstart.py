@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from longembed.plugin.embedded.server import EmbeddedServer
 
     def step(title: str, argv: list[str]) -> int:
-        print(f"\n$ longembed {' '.join(argv)}    # {title}", flush=True)
+        print(f"\n$ longembed {shlex.join(argv)}    # {title}", flush=True)  # copy-pasteable
         return main(argv)
 
     sql_embed = False
