@@ -416,6 +416,8 @@ def _embed_by_host(conn: psycopg.Connection, collection, host, started, progress
     serve this collection's model or stalls (the caller then embeds here)."""
     from tqdm import tqdm
 
+    if not _pending(conn, collection)[0]:
+        return 0  # nothing queued: nothing to wait for (as when embedding here)
     # Asking for the model makes the host load it (a model a collection uses) and start its worker.
     body = {"input": ["ready?"], "model": collection.model_source}
     try:
