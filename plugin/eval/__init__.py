@@ -1,0 +1,1 @@
+"""Retrieval evaluation: relevance judgements, metrics, and the `longembed eval` command's runner."""
