@@ -31,10 +31,11 @@ from starlette.routing import Route
 from longembed.encoder.profiles import KINDS
 from longembed.plugin.service.batcher import INTERACTIVE, BatcherStopped, QueueFull
 from longembed.plugin.service.errors import ApiError, invalid
+from longembed.plugin.service.fastpath import search_vector
 from longembed.plugin.service.host import Host, HostConfig
 from longembed.plugin.service.served import OVERFLOWS
 from longembed.plugin.store.collections import CollectionNotFound, get_collection
-from longembed.plugin.store.search import search_by_vector
+from longembed.plugin.store.search import as_vector
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,8 @@ def build_app(host: Host) -> Starlette:
                         param="collection",
                         code="collection_not_found",
                     ) from None
+                if req.vector is not None:  # embedded elsewhere: no model needed
+                    return collection, None, None, None
                 served = host.model(collection.model_source)
                 if served.info.revision != collection.model_revision:
                     raise ApiError(
@@ -154,12 +157,16 @@ def build_app(host: Host) -> Starlette:
                                                        "truncate"), dims  # fmt: skip
 
             collection, served, plan, dims = await run_in_threadpool(prepare)
-            rows = await _compute(served, plan)
-            embedded = served.finish(plan, rows, "truncate", dims)
-            vector = embedded.vectors[0]
+            if plan is None:
+                model, tokens = collection.model_name, 0
+            else:
+                embedded = served.finish(plan, await _compute(served, plan), "truncate", dims)
+                model, tokens = served.info.name, embedded.n_tokens[0]
             try:
-                results = await run_in_threadpool(
-                    search_by_vector,
+                vector = embedded.vectors[0] if plan is not None else as_vector(req.vector, collection.dim)
+                results, index = await run_in_threadpool(
+                    search_vector,
+                    host.fastpath,
                     conn,
                     collection,
                     vector,
@@ -176,9 +183,10 @@ def build_app(host: Host) -> Starlette:
             {
                 "object": "list",
                 "collection": collection.name,
-                "model": served.info.name,
+                "model": model,
                 "data": [asdict(r) for r in results],
-                "usage": {"prompt_tokens": embedded.n_tokens[0], "total_tokens": embedded.n_tokens[0]},
+                "index": index,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
 
@@ -219,11 +227,12 @@ def build_app(host: Host) -> Starlette:
 @dataclass(frozen=True)
 class SearchRequest:
     collection: str
-    query: str
+    query: str | None
     k: int
     filter: dict[str, Any] | None
     hybrid: bool
     ef_search: int | None
+    vector: list[float] | None = None  # instead of `query`: a query vector embedded elsewhere
 
 
 async def _compute(served: Any, plan: Any) -> Any:
@@ -242,10 +251,17 @@ def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequ
     collection = body.get("collection")
     if not isinstance(collection, str) or not collection:
         raise invalid("'collection' is required: the collection's name", "collection")
-    query = body.get("query")
-    if not isinstance(query, str) or not query.strip():
+    query, vector = body.get("query"), body.get("vector")
+    if vector is not None:
+        if query is not None:
+            raise invalid("give 'query' (a text) or 'vector' (its embedding), not both", "vector")
+        if not isinstance(vector, list) or not all(_is_number(x) for x in vector):
+            raise invalid("'vector' must be an array of numbers", "vector")
+        if body.get("hybrid"):
+            raise invalid("hybrid search needs a text 'query', not a 'vector'", "hybrid")
+    elif not isinstance(query, str) or not query.strip():
         raise invalid("'query' is required: a text that is not empty or only whitespace", "query")
-    if len(query) > config.max_input_chars:
+    elif len(query) > config.max_input_chars:
         raise invalid(f"'query' has {len(query)} characters; at most {config.max_input_chars}", "query")
     k = body.get("k", 10)
     if isinstance(k, bool) or not isinstance(k, int):
@@ -259,7 +275,11 @@ def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequ
     ef_search = body.get("ef_search")
     if ef_search is not None and (isinstance(ef_search, bool) or not isinstance(ef_search, int)):
         raise invalid(f"'ef_search' must be an integer, got {_json_type(ef_search)}", "ef_search")
-    return SearchRequest(collection, query, k, filter_, hybrid, ef_search)
+    return SearchRequest(collection, query, k, filter_, hybrid, ef_search, vector)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def parse_embedding_request(body: dict[str, Any], config: HostConfig) -> EmbeddingRequest:
