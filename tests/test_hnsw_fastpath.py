@@ -7,13 +7,16 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import secrets
 import time
+import uuid
 
 import httpx
 import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
@@ -398,3 +401,41 @@ def test_bad_vector_queries_get_a_clear_400(dsn, tmp_path, body, message):
     with running_host(HostConfig(dsn=dsn, worker=False)) as host:
         r = httpx.post(f"{host.url}/v1/search", json={"collection": "vecs", **body}, timeout=60)
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_writer_roles_log_and_follow_readers_cannot_register(dsn, tmp_path):
+    """090_privileges.sql's model: a writer's chunk inserts are logged (the trigger runs as the owner), a
+    host logged in as a writer registers, syncs and prunes; a reader cannot register a consumer."""
+    collection = _collection(dsn, "roles", 10, seed=6)
+    roles = {
+        group: (f"le_t_{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(12)) for group in ("writer", "reader")
+    }
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        for group, (name, password) in roles.items():
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                    sql.Identifier(name), sql.Literal(password), sql.Identifier(f"longembed_{group}")
+                )
+            )
+    as_role = {group: make_conninfo(dsn, user=n, password=p) for group, (n, p) in roles.items()}
+    try:
+        with connect(as_role["writer"]) as conn:
+            index = CollectionIndex(get_collection(conn, "roles"), tmp_path)
+            index.build(conn)
+            doc = conn.execute(
+                "SELECT min(id) FROM longembed.documents WHERE collection_id = %s", (collection.id,)
+            ).fetchone()[0]
+            _insert(conn, collection, [(doc, 9, np.ones(DIM, dtype=np.float32))])
+            assert index.sync(conn) == 1 and label_of(doc, 9) in index.live
+            assert index.save(conn)
+            _assert_mirrors(index, _table(conn, collection))
+        with connect(as_role["reader"]) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT longembed.register_vector_consumer(%s, 'x')", (index.source,))
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            for name, _ in roles.values():
+                admin.execute(
+                    sql.SQL("DROP OWNED BY {}; DROP ROLE {}").format(
+                        sql.Identifier(name), sql.Identifier(name)
+                    )
+                )
