@@ -373,6 +373,10 @@ def test_http_search_through_the_index_during_and_after_a_build(dsn, tmp_path):
             assert [r["external_id"] for r in by_vector["data"]] == [
                 r["external_id"] for r in post(host, query="molten rock", k=2)["data"]
             ]
+            forced = post(host, query="molten rock", k=2, index="pgvector")
+            assert (
+                forced["index"] == PGVECTOR and forced["data"] == post(host, query="molten rock", k=2)["data"]
+            )
             hybrid = post(host, query="bread", hybrid=True)
             assert hybrid["index"] == PGVECTOR  # hybrid fusion lives in SQL
 
@@ -392,6 +396,7 @@ def test_http_search_through_the_index_during_and_after_a_build(dsn, tmp_path):
         ({"vector": [1, True]}, "array of numbers"),
         ({"vector": [0.5] * 3}, "shape"),
         ({"vector": [0.1], "hybrid": True}, "hybrid"),
+        ({"query": "x", "index": "faiss"}, "'index' must be one of auto, pgvector"),
     ],
 )
 def test_bad_vector_queries_get_a_clear_400(dsn, tmp_path, body, message):

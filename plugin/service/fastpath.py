@@ -7,11 +7,12 @@ saves each changed index every SAVE_EVERY_S seconds and at stop. Until an index 
 up once, its collection's searches go to SQL (pgvector), as do hybrid searches.
 
 A search asks hnswlib for the nearest chunks (as SQL does: max(4k, 40) candidates, then the best chunk
-per document), then reads those chunks and their documents from PostgreSQL with their distances computed
+per document), then reads the k best documents' chunks from PostgreSQL with their distances computed
 there: the rows, snippets, metadata and scores are the database's, and a chunk deleted since the index's
-last sync simply drops out. Filters: the same read checks the metadata (jsonb @>); when too few documents
-pass, the candidates widen 4x at a time up to MAX_CANDIDATES chunks, then the search goes to SQL, whose
-iterative index scan suits selective filters.
+last sync drops out (the search then reads all candidates). Filters: all candidates are read, with
+their documents' metadata checked in the same read (jsonb @>); when too few documents pass, the
+candidates widen 4x at a time up to MAX_CANDIDATES chunks, then the search goes to SQL, whose iterative
+index scan suits selective filters.
 """
 
 from __future__ import annotations
@@ -169,21 +170,37 @@ class FastPath:
         index = self.index(collection.name) if self.is_ready(collection.name) else None
         if index is None or index.collection.id != collection.id:
             return None
+        query = np.asarray(vector, dtype=np.float32)
         n = max(4 * k, 40)
+        if filter is None:  # rank documents by hnswlib's distances, read only the k best from PostgreSQL
+            labels = index.nearest(query, n, ef_search or DEFAULT_EF)
+            if labels is None:
+                return None
+            firsts: dict[int, int] = {}  # document -> its nearest chunk (labels come nearest first)
+            for label in labels:
+                firsts.setdefault(key_of(label)[0], label)
+            chosen = list(firsts.values())[:k]
+            rows = self._fetch(conn, collection, chosen, vector, None)
+            if len(rows) == len(chosen) and (len(chosen) == k or len(labels) < n):
+                return self._ranked(collection, rows, k)
+            # a chunk gone since the last sync, or too few documents: the general path below
         while True:
-            labels = index.nearest(np.asarray(vector, dtype=np.float32), n, ef_search or DEFAULT_EF)
+            labels = index.nearest(query, n, ef_search or DEFAULT_EF)
             if labels is None:
                 return None
             rows = self._fetch(conn, collection, labels, vector, filter)
-            best: dict[str, tuple] = {}
-            for row in rows:  # the best chunk of each document
-                if row[0] not in best or row[1] < best[row[0]][1]:
-                    best[row[0]] = row
-            if len(best) >= k or len(labels) < n:
-                break
+            if len({row[0] for row in rows}) >= k or len(labels) < n:
+                return self._ranked(collection, rows, k)
             if n >= MAX_CANDIDATES:
                 return None
             n = min(4 * n, MAX_CANDIDATES)
+
+    @staticmethod
+    def _ranked(collection: Collection, rows: list[tuple], k: int) -> list[SearchResult]:
+        best: dict[str, tuple] = {}
+        for row in rows:  # the best chunk of each document, by PostgreSQL's distance
+            if row[0] not in best or row[1] < best[row[0]][1]:
+                best[row[0]] = row
         ranked = sorted(best.values(), key=lambda r: (r[1], r[0]))[:k]
         return [SearchResult(r[0], _score(collection.distance, r[1]), *r[2:]) for r in ranked]
 
@@ -211,7 +228,8 @@ class FastPath:
             "ords": [o for _, o in keys],
             "filter": Jsonb(dict(filter)) if filter is not None else None,
         }
-        return conn.execute(query, params).fetchall()
+        # Prepared: a fixed plan of key lookups, planned once per connection and collection.
+        return conn.execute(query, params, prepare=True).fetchall()
 
     def _operator(self, conn: psycopg.Connection, collection: Collection) -> sql.Composable:
         """pgvector's distance operator, schema-qualified (a caller's search_path may not hold it)."""

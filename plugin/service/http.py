@@ -130,7 +130,26 @@ def build_app(host: Host) -> Starlette:
         req = parse_search_request(await _read_json(request, host.config.max_body_bytes), host.config)
         with host.database() as conn:
 
-            def prepare() -> tuple[Any, Any, Any, int | None]:  # the collection, maybe a model load
+            def search_in_db(collection: Any, vector: Any) -> tuple[list, str]:  # in a worker thread
+                try:
+                    if vector is None:
+                        vector = as_vector(req.vector, collection.dim)
+                    return search_vector(
+                        host.fastpath if req.index == "auto" else None,
+                        conn,
+                        collection,
+                        vector,
+                        req.k,
+                        filter=req.filter,
+                        ef_search=req.ef_search,
+                        hybrid_text=req.query if req.hybrid else None,
+                    )
+                except ValueError as exc:
+                    raise invalid(str(exc)) from None
+                except psycopg.Error as exc:
+                    raise ApiError(503, f"the search failed in the database: {exc}", retry_after=5) from None
+
+            def prepare() -> tuple[Any, Any, Any, int | None, Any]:  # the collection, maybe a model load
                 try:
                     collection = get_collection(conn, req.collection)
                 except CollectionNotFound:
@@ -140,8 +159,8 @@ def build_app(host: Host) -> Starlette:
                         param="collection",
                         code="collection_not_found",
                     ) from None
-                if req.vector is not None:  # embedded elsewhere: no model needed
-                    return collection, None, None, None
+                if req.vector is not None:  # embedded elsewhere: no model; search in this same thread hop
+                    return collection, None, None, None, search_in_db(collection, None)
                 served = host.model(collection.model_source)
                 if served.info.revision != collection.model_revision:
                     raise ApiError(
@@ -154,31 +173,16 @@ def build_app(host: Host) -> Starlette:
                 dims = collection.dim if collection.dim != served.info.dim else None
                 served.check_dimensions(dims)
                 return collection, served, served.plan([req.query], "query", collection.query_prefix,
-                                                       "truncate"), dims  # fmt: skip
+                                                       "truncate"), dims, None  # fmt: skip
 
-            collection, served, plan, dims = await run_in_threadpool(prepare)
-            if plan is None:
-                model, tokens = collection.model_name, 0
-            else:
+            collection, served, plan, dims, found = await run_in_threadpool(prepare)
+            if found is None:
                 embedded = served.finish(plan, await _compute(served, plan), "truncate", dims)
+                found = await run_in_threadpool(search_in_db, collection, embedded.vectors[0])
                 model, tokens = served.info.name, embedded.n_tokens[0]
-            try:
-                vector = embedded.vectors[0] if plan is not None else as_vector(req.vector, collection.dim)
-                results, index = await run_in_threadpool(
-                    search_vector,
-                    host.fastpath,
-                    conn,
-                    collection,
-                    vector,
-                    req.k,
-                    filter=req.filter,
-                    ef_search=req.ef_search,
-                    hybrid_text=req.query if req.hybrid else None,
-                )
-            except ValueError as exc:
-                raise invalid(str(exc)) from None
-            except psycopg.Error as exc:
-                raise ApiError(503, f"the search failed in the database: {exc}", retry_after=5) from None
+            else:
+                model, tokens = collection.model_name, 0
+            results, index = found
         return JSONResponse(
             {
                 "object": "list",
@@ -233,6 +237,7 @@ class SearchRequest:
     hybrid: bool
     ef_search: int | None
     vector: list[float] | None = None  # instead of `query`: a query vector embedded elsewhere
+    index: str = "auto"  # "pgvector": skip the host's hnswlib index even where it has one
 
 
 async def _compute(served: Any, plan: Any) -> Any:
@@ -275,7 +280,8 @@ def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequ
     ef_search = body.get("ef_search")
     if ef_search is not None and (isinstance(ef_search, bool) or not isinstance(ef_search, int)):
         raise invalid(f"'ef_search' must be an integer, got {_json_type(ef_search)}", "ef_search")
-    return SearchRequest(collection, query, k, filter_, hybrid, ef_search, vector)
+    index = _choice(body, "index", ("auto", "pgvector"), "auto")
+    return SearchRequest(collection, query, k, filter_, hybrid, ef_search, vector, index)
 
 
 def _is_number(value: Any) -> bool:
