@@ -8,6 +8,7 @@ import dataclasses
 import random
 import re
 import secrets
+import sys
 import time
 import uuid
 
@@ -444,3 +445,14 @@ def test_writer_roles_log_and_follow_readers_cannot_register(dsn, tmp_path):
                         sql.Identifier(name), sql.Identifier(name)
                     )
                 )
+
+
+def test_without_hnswlib_the_host_still_imports_and_hnsw_is_refused_clearly(monkeypatch):
+    """hnswlib is an optional extra: nothing imports it until an index is made, and --hnsw without it is
+    a usage error naming the extra, not a sync thread failing in a loop."""
+    monkeypatch.setitem(sys.modules, "hnswlib", None)  # `import hnswlib` now raises ImportError
+    with pytest.raises(ImportError):
+        import hnswlib  # noqa: F401
+    assert HostConfig(dsn="host=nowhere", worker=False).hnsw == ()
+    with pytest.raises(ValueError, match=r"longembed\[fast\]"):
+        HostConfig(dsn="host=nowhere", hnsw=("docs",), hnsw_dir="/nonexistent")

@@ -25,13 +25,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hnswlib
 import numpy as np
 import psycopg
 from psycopg import sql
 
 from longembed.plugin.store.collections import Collection
+
+if TYPE_CHECKING:
+    import hnswlib
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +202,7 @@ class CollectionIndex:
 
     def _new_index(self, capacity: int) -> hnswlib.Index:
         c = self.collection
-        index = hnswlib.Index(space=SPACES[c.distance], dim=c.dim)
+        index = _hnswlib().Index(space=SPACES[c.distance], dim=c.dim)
         index.init_index(
             max_elements=capacity,
             ef_construction=c.hnsw_ef_construction,
@@ -270,7 +273,7 @@ class CollectionIndex:
         ).fetchone()
         if not registered or not complete:
             raise Rebuild("the change log no longer reaches back to the saved index")
-        index = hnswlib.Index(space=SPACES[c.distance], dim=c.dim)
+        index = _hnswlib().Index(space=SPACES[c.distance], dim=c.dim)
         index.load_index(str(folder / "index.bin"), max_elements=meta["capacity"], allow_replace_deleted=True)
         live = set(np.load(folder / "labels.npy").tolist())
         with self.lock:
@@ -309,6 +312,15 @@ class CollectionIndex:
             labels = sorted(self.live)
             data = self.index.get_items(labels, return_type="numpy") if labels else []
         return dict(zip(labels, data, strict=True))
+
+
+def _hnswlib():
+    """hnswlib, an optional dependency: the host imports this module whether or not it uses --hnsw."""
+    try:
+        import hnswlib
+    except ImportError:
+        raise RuntimeError("the hnsw fast path needs hnswlib: pip install 'longembed[fast]'") from None
+    return hnswlib
 
 
 def private_dir(path: Path) -> None:

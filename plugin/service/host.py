@@ -9,6 +9,7 @@ when a collection in the database uses it (the host never loads arbitrary names 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import queue
 import threading
@@ -58,6 +59,8 @@ class HostConfig:
             raise ValueError(f"the batching window must be 0 to 1000 ms, got {self.max_wait * 1000:g} ms")
         if self.hnsw and not (self.dsn and self.hnsw_dir):
             raise ValueError("an hnsw index needs the database (dsn) and a directory to keep it in")
+        if self.hnsw and importlib.util.find_spec("hnswlib") is None:
+            raise ValueError("the hnsw fast path needs hnswlib: pip install 'longembed[fast]'")
 
 
 class Host:
