@@ -38,13 +38,15 @@ END;
 $$;
 
 -- Add a document (+1, +length) or remove one (-1, -length) to a collection's N and total length: one new
--- row, so concurrent writers never wait for each other here. Now and then (1 write in 64) a writer folds
--- the collection's rows into one, so that reading them stays cheap; one folder at a time per collection
+-- row, so concurrent writers never wait for each other here. Now and then (p_fold: the trigger asks for
+-- it once in 64 documents, by id) a writer folds the collection's rows into one, so that reading them
+-- stays cheap; one folder at a time per collection
 -- (a try-lock: nobody waits), and only under READ COMMITTED, where the DELETE sees the rows another
 -- folder replaced as gone instead of failing with a serialization error.
 -- A collection being dropped (its row already gone: documents are deleted by its ON DELETE CASCADE) takes
 -- no rows.
-CREATE OR REPLACE FUNCTION longembed.bm25_add_delta(p_collection_id bigint, p_documents bigint, p_length bigint)
+CREATE OR REPLACE FUNCTION longembed.bm25_add_delta(
+    p_collection_id bigint, p_documents bigint, p_length bigint, p_fold boolean)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -53,7 +55,7 @@ BEGIN
     INSERT INTO longembed.bm25_collection_deltas (collection_id, n_documents, total_length)
     SELECT p_collection_id, p_documents, p_length
     WHERE EXISTS (SELECT 1 FROM longembed.collections WHERE id = p_collection_id);
-    IF random() < 1.0 / 64 AND current_setting('transaction_isolation') = 'read committed'
+    IF p_fold AND current_setting('transaction_isolation') = 'read committed'
        AND pg_try_advisory_xact_lock(hashtextextended('longembed.bm25_deltas.' || p_collection_id, 0)) THEN
         WITH gone AS (
             DELETE FROM longembed.bm25_collection_deltas WHERE collection_id = p_collection_id
@@ -80,7 +82,7 @@ BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         WITH gone AS (DELETE FROM longembed.bm25_postings WHERE document_id = OLD.id RETURNING tf)
         SELECT coalesce(sum(tf), 0) INTO v_length FROM gone;
-        PERFORM longembed.bm25_add_delta(OLD.collection_id, -1, -v_length);
+        PERFORM longembed.bm25_add_delta(OLD.collection_id, -1, -v_length, OLD.id % 64 = 0);
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
         SELECT text_search_config INTO v_config FROM longembed.collections WHERE id = NEW.collection_id;
@@ -91,7 +93,7 @@ BEGIN
                  FROM terms
                  RETURNING tf)
         SELECT coalesce(sum(tf), 0) INTO v_length FROM added;
-        PERFORM longembed.bm25_add_delta(NEW.collection_id, 1, v_length);
+        PERFORM longembed.bm25_add_delta(NEW.collection_id, 1, v_length, NEW.id % 64 = 0);
     END IF;
     RETURN NULL;
 END;
