@@ -530,3 +530,22 @@ def test_reader_searches_writer_keeps_statistics_nobody_else(dsn, conn, scratch)
 def test_hit_is_a_dataclass(conn):
     hit = search_bm25(conn, "corpus", "okapi")[0]
     assert isinstance(hit, Bm25Hit) and hit.external_id == "d"
+
+
+def test_cli_sets_the_collection_parameters(dsn, conn, tmp_path, capsys):
+    from longembed.plugin.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main([*args, "--dsn", dsn])
+        return code, capsys.readouterr().err
+
+    assert run("collection", "create", "-c", "cli-bm25", "--bm25-k1", "2", "--bm25-b", "0.5")[0] == 0
+    assert (get_collection(conn, "cli-bm25").bm25_k1, get_collection(conn, "cli-bm25").bm25_b) == (2.0, 0.5)
+    code, err = run("collection", "create", "-c", "cli-bad", "--bm25-b", "2")
+    assert code == 2 and "b must be a number in 0..1" in err
+    (tmp_path / "note.txt").write_text("a fox in a note")
+    code, err = run("ingest", str(tmp_path), "-c", "cli-bm25", "--bm25-b", "0.6", "--no-wait")
+    assert code == 2 and "--bm25-b 0.6 (it has 0.5)" in err
+    code, _ = run("ingest", str(tmp_path), "-c", "cli-new", "--create", "--bm25-k1", "0.9", "--no-wait")
+    assert code == 0 and get_collection(conn, "cli-new").bm25_k1 == 0.9
+    assert [h.external_id for h in search_bm25(conn, "cli-new", "foxes")] == [str(tmp_path / "note.txt")]

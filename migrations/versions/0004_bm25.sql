@@ -23,7 +23,8 @@ CREATE TABLE longembed.bm25_postings (
     document_id     bigint NOT NULL,
     tf              integer NOT NULL CHECK (tf > 0),
     doc_length      integer NOT NULL CHECK (doc_length >= tf),
-    PRIMARY KEY (collection_id, term, document_id)
+    -- INCLUDE: scoring reads the postings of a term from the index alone, in index order.
+    PRIMARY KEY (collection_id, term, document_id) INCLUDE (tf, doc_length)
 );
 -- Deleting a document's postings (text change, delete) finds them by document.
 CREATE INDEX bm25_postings_document_idx ON longembed.bm25_postings (document_id);
