@@ -490,6 +490,42 @@ def test_rebuild_after_migration(dsn, conn):
     assert search_bm25(conn, "corpus", "fox")[0].external_id == "e"
 
 
+def test_version_3_database_gets_its_statistics_on_upgrade(pg_dsn, tmp_path, monkeypatch):
+    """Documents written before 0004_bm25.sql: the same migrate that adds the tables fills them."""
+    from pathlib import Path
+
+    from tests.pgdb import fresh_database
+
+    repo = Path(__file__).resolve().parents[1]
+    package = tmp_path / "v3_migrations"
+    for kind, names in (("versions", ("0001_init", "0002_model_source_and_chunk_flags", "0003_privileges")),
+                        ("functions", ("001_ownership", "010_documents"))):  # fmt: skip
+        (package / kind).mkdir(parents=True)
+        for name in names:
+            (package / kind / f"{name}.sql").write_text(
+                (repo / "migrations" / kind / f"{name}.sql").read_text()
+            )
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with fresh_database(pg_dsn, "le_bm25_upgrade") as url, connect(url) as c:
+        migrate(c, "v3_migrations")
+        (cid,) = c.execute(
+            """INSERT INTO longembed.collections
+                   (name, model_name, model_source, model_revision, dim, chunk_tokens)
+               VALUES ('old', 'm', 'm', 'r1', 4, 100) RETURNING id"""
+        ).fetchone()
+        for ext, text in CORPUS.items():
+            c.execute("SELECT longembed.upsert_document(%s, %s, %s)", (cid, ext, text))
+        report = migrate(c)
+        assert report.applied == ["0004_bm25.sql"]
+        assert_exact(c, cid)
+        assert (get_collection(c, "old").bm25_k1, get_collection(c, "old").bm25_b) == (1.2, 0.75)
+        docs = {ext: lexemes(c, text) for ext, text in CORPUS.items()}
+        expected = ranked(reference_scores(docs, {"fox", "dog"}, 1.2, 0.75))
+        got = search_bm25(c, "old", "fox dog", 1000)
+        assert [(h.external_id, round(h.score, 9)) for h in got] == [(e, round(s, 9)) for e, s in expected]
+
+
 def test_reader_searches_writer_keeps_statistics_nobody_else(dsn, conn, scratch):
     made = []
 
