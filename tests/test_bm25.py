@@ -339,8 +339,16 @@ def test_statistics_follow_inserts_updates_deletes_and_reingest(conn, scratch):
     )
     conn.commit()
     assert_exact(conn, cid)
+    # Plain SQL on the table takes the same trigger: a rewrite of the text, and a no-op rewrite.
+    conn.execute(
+        "UPDATE longembed.documents SET text = 'plain sql zebra' "
+        "WHERE external_id = 'g' AND collection_id = %s",
+        (cid,),
+    )
+    conn.execute("UPDATE longembed.documents SET text = text WHERE collection_id = %s", (cid,))
+    assert_exact(conn, cid)
     hits = search_bm25(conn, scratch, "zebra")
-    assert [h.external_id for h in hits] == ["a"]
+    assert sorted(h.external_id for h in hits) == ["a", "g"]
 
 
 def test_collection_drop_removes_its_statistics_only(conn, scratch):

@@ -40,9 +40,9 @@ $$;
 -- Add a document (+1, +length) or remove one (-1, -length) to a collection's N and total length: one new
 -- row, so concurrent writers never wait for each other here. Now and then (p_fold: the trigger asks for
 -- it once in 64 documents, by id) a writer folds the collection's rows into one, so that reading them
--- stays cheap; one folder at a time per collection
--- (a try-lock: nobody waits), and only under READ COMMITTED, where the DELETE sees the rows another
--- folder replaced as gone instead of failing with a serialization error.
+-- stays cheap: one folder at a time per collection (a try-lock: nobody waits), and only under READ
+-- COMMITTED, where the DELETE sees rows another folder replaced as gone instead of failing with a
+-- serialization error. Rows of transactions still running are invisible to the DELETE and stay.
 -- A collection being dropped (its row already gone: documents are deleted by its ON DELETE CASCADE) takes
 -- no rows.
 CREATE OR REPLACE FUNCTION longembed.bm25_add_delta(
@@ -79,6 +79,9 @@ DECLARE
     v_length bigint;
     v_config regconfig;
 BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.text = NEW.text AND OLD.collection_id = NEW.collection_id THEN
+        RETURN NULL;  -- SET text = text: the same postings
+    END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         WITH gone AS (DELETE FROM longembed.bm25_postings WHERE document_id = OLD.id RETURNING tf)
         SELECT coalesce(sum(tf), 0) INTO v_length FROM gone;
@@ -104,7 +107,8 @@ CREATE OR REPLACE TRIGGER bm25_statistics
     FOR EACH ROW EXECUTE FUNCTION longembed.bm25_documents_trigger();
 
 -- Recompute a collection's statistics from its documents (after 0004_bm25.sql; or to repair them, should
--- something have written documents with triggers disabled). Blocks writers of all collections meanwhile.
+-- something have written documents with triggers disabled, or a collection's text_search_config have
+-- been changed by hand). Blocks writers of all collections meanwhile.
 CREATE OR REPLACE FUNCTION longembed.bm25_rebuild(p_collection_id bigint)
 RETURNS void
 LANGUAGE plpgsql
