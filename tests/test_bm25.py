@@ -236,6 +236,10 @@ def test_null_query_is_an_error(conn):
     with pytest.raises(errors.NullValueNotAllowed, match="query text is NULL"):
         conn.execute("SELECT * FROM longembed.search_bm25('corpus', NULL)")
     conn.rollback()
+    with pytest.raises(ValueError, match="NUL"):
+        search_bm25(conn, "corpus", "fox\x00dog")
+    with pytest.raises(TypeError, match="query must be a str"):
+        search_bm25(conn, "corpus", None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
