@@ -5,6 +5,10 @@ weights). Every result is compared with plain SQL or with Python's store search 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from types import CodeType
+
 import numpy as np
 import psycopg
 import pytest
@@ -325,3 +329,44 @@ def test_engine_takes_a_keyword_dsn(dsn):
             )
     finally:
         engine.dispose()
+
+
+def _readme_blocks() -> list[CodeType]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## SQLAlchemy\n", 1)[1].split("\n## ", 1)[0]
+    # Compiled apart from this module: its `from __future__ import annotations` would turn the
+    # blocks' annotations into strings that the ORM resolves in a module that does not exist.
+    return [
+        compile(block, "README.md", "exec", dont_inherit=True)
+        for block in re.findall(r"```python\n(.*?)```", section, re.S)
+    ]
+
+
+def test_readme_examples_run(pg_dsn, model, capsys):
+    """The README's SQLAlchemy blocks, run as written, in order, on a database with collections `docs`
+    and `notes` (the worker that the model host runs is this process's here)."""
+    blocks = _readme_blocks()
+    assert len(blocks) == 3
+    with migrated_database(pg_dsn, "le_sqla_readme") as url, connect(url) as conn:
+        create_collection(conn, "docs", model.info, chunk_tokens=64, overlap=8)
+        docs = [Document(key, text, {"lang": "en"}) for key, text in CORPUS.items()]
+        add_documents(conn, "docs", [*docs, Document("de", "Passwort zurücksetzen", {"lang": "de"})])
+        create_collection(conn, "notes", model.info)
+        Worker(conn, model, WorkerConfig()).drain()
+        namespace: dict = {"dsn": url}
+        try:
+            exec(blocks[0], namespace)
+            assert namespace["vector"].shape == (384,) and namespace["vector"].dtype == np.float32
+            printed = capsys.readouterr().out.splitlines()
+            assert printed[:2] == ["1 Holiday plans: two weeks in Portugal in June", "2 Buy milk and eggs"]
+            assert printed[2].startswith("password ") and len(printed) == 2 + len(CORPUS)
+            exec(blocks[1], namespace)
+            assert namespace["queued"] == 2
+            assert Worker(conn, model, WorkerConfig()).drain().embedded == 2
+            exec(blocks[2], namespace)
+            printed = capsys.readouterr().out.splitlines()
+            holiday = conn.execute("SELECT id FROM notes WHERE body LIKE 'Holiday%'").fetchone()[0]
+            assert len(printed) == 2 and printed[0].startswith(f"{holiday} ")
+        finally:
+            if "engine" in namespace:
+                namespace["engine"].dispose()
