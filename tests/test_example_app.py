@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
+import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
@@ -51,8 +56,27 @@ def conn(dsn):
 
 
 @pytest.fixture(scope="module")
-def app(dsn) -> Iterator[httpx.Client]:
-    args = ["--dsn", dsn, "--collection", "notes", "--port", "0"]
+def app_dsn(dsn) -> Iterator[str]:
+    """A login role that is a member of longembed_writer only, as `longembed dsn` gives."""
+    name, password = f"le_app_{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(16)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE longembed_writer").format(
+                sql.Identifier(name), sql.Literal(password)
+            )
+        )
+    try:
+        yield make_conninfo(dsn, user=name, password=password)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def app(dsn, app_dsn) -> Iterator[httpx.Client]:
+    """The app serving as the application role; its table made at start with the superuser's DSN."""
+    args = ["--dsn", app_dsn, "--admin-dsn", dsn, "--collection", "notes", "--port", "0"]
     process = subprocess.Popen(
         [sys.executable, "-m", "longembed.plugin.examples.notes", *args],
         stdout=subprocess.PIPE,
