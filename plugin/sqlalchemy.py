@@ -20,7 +20,7 @@ the filter's shape, blank texts) are left to it: its errors (SQLSTATE 22000/2202
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
@@ -33,6 +33,9 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import Function
 from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.sql.visitors import InternalTraversal
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql.visitors import _TraverseInternalsType
 
 __all__ = [
     "SEARCH_COLUMNS",
@@ -87,7 +90,8 @@ class _NamedArgument(ColumnElement[Any]):
 
     __visit_name__ = "longembed_named_argument"
     inherit_cache = True
-    _traverse_internals: ClassVar[list[tuple[str, InternalTraversal]]] = [
+    # What SQLAlchemy's cache key and bind-parameter walk visit (declared by its base without ClassVar).
+    _traverse_internals: _TraverseInternalsType = [  # noqa: RUF012
         ("name", InternalTraversal.dp_string),
         ("value", InternalTraversal.dp_clauseelement),
     ]
@@ -174,7 +178,7 @@ def search(
         ("mode", mode, sa.Text()),
     )
     args += [_NamedArgument(key, _value(value, type_)) for key, value, type_ in optional if value is not None]
-    function = Function("search", *args, packagenames=("longembed",))
+    function: Function[Any] = Function("search", *args, packagenames=("longembed",))
     return function.table_valued(*(sa.column(key, type_) for key, type_ in SEARCH_COLUMNS), name=name)
 
 

@@ -212,6 +212,12 @@ def test_search_options_go_by_name(engine, conn, model, collection):
     assert [r.external_id for r in rows] == [p.external_id for p in python]
     assert rows[0].external_id == "chess"
     np.testing.assert_allclose([r.score for r in rows], [p.score for p in python], atol=1e-9)
+    # The typed columns take their types' operators: jsonb's ->> on metadata, float comparison on score.
+    hits = search(collection, "bread", 5)
+    query = sa.select(hits.c.external_id).where(hits.c.metadata["topic"].astext.in_(["chess", "sourdough"]))
+    with engine.connect() as c:
+        assert set(c.execute(query.where(hits.c.score > -1.0)).scalars()) == {"chess", "sourdough"}
+    # A parameter that longembed.search() gains later (mode) is passed by name, and only when given.
     sql = str(sa.select(search("c", "q", mode="x")).compile(dialect=psycopg_dialect.dialect()))
     assert "mode => " in sql and "filter" not in sql
 
@@ -261,6 +267,11 @@ def test_vectorize_table_bad_arguments(engine, notes):
         vectorize_table(c, Note, "id", "body", "no such collection")
     with engine.begin() as c, pytest.raises(ValueError, match="no table"):
         vectorize_table(c, sa.Table("no_such_table", sa.MetaData()), "id", "body", "sqla_notes")
+    hostile = sa.Table('sqla_notes"; DROP TABLE sqla_notes; --', sa.MetaData(), schema="public")
+    with engine.begin() as c, pytest.raises(ValueError, match="no table"):
+        vectorize_table(c, hostile, "id", "body", "sqla_notes")
+    with engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(Note)).scalar_one() >= len(CORPUS)
 
 
 def test_hostile_texts_are_bound_parameters(engine, conn, model, collection, notes):
