@@ -21,6 +21,7 @@ from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
 from longembed.plugin.pipeline.worker import Worker, WorkerConfig
 from longembed.plugin.sqlalchemy import (
+    SEARCH_COLUMNS,
     Vector,
     create_engine,
     embed,
@@ -222,6 +223,18 @@ def test_search_options_go_by_name(engine, conn, model, collection):
     assert "mode => " in sql and "filter" not in sql
 
 
+def test_search_columns_are_the_sql_functions(engine, conn):
+    """Each typed column is a result column of longembed.search() with the same SQL type (a column the
+    function gains later is simply not selected by name)."""
+    (result,) = conn.execute(
+        "SELECT pg_get_function_result(oid) FROM pg_proc "
+        "WHERE proname = 'search' AND pronamespace = 'longembed'::regnamespace"
+    ).fetchone()
+    declared = dict(part.strip().split(" ", 1) for part in result.removeprefix("TABLE(")[:-1].split(","))
+    for name, type_ in SEARCH_COLUMNS:
+        assert declared[name] == type_.compile(engine.dialect).lower(), (name, declared)
+
+
 def test_a_cached_statement_takes_new_values(engine, collection):
     """SQLAlchemy caches the compiled statement per shape: the same shape with other values (named
     arguments included) must send the new ones."""
@@ -272,6 +285,29 @@ def test_vectorize_table_bad_arguments(engine, notes):
         vectorize_table(c, hostile, "id", "body", "sqla_notes")
     with engine.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(Note)).scalar_one() >= len(CORPUS)
+
+
+def test_vectorize_table_is_part_of_the_callers_transaction(engine, conn, collection, notes):
+    """Rolled back with the caller's transaction: no trigger, nothing queued; a refused call leaves that
+    transaction usable."""
+    documents = (
+        "SELECT count(*) FROM longembed.documents d JOIN longembed.collections c ON c.id = d.collection_id"
+    )
+    before = conn.execute(documents).fetchone()[0]
+    with engine.connect() as c:
+        assert vectorize_table(c, Note, "id", "body", collection) >= len(CORPUS)
+        with pytest.raises(ValueError, match="no column"):
+            vectorize_table(c, Note, "id", "no_such_column", collection)
+        assert c.execute(sa.select(sa.literal(1))).scalar_one() == 1  # still usable
+        c.rollback()
+    triggers = conn.execute(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = 'sqla_notes'::regclass AND NOT tgisinternal"
+    ).fetchall()
+    assert all(
+        name.startswith(f"longembed_vectorize_{get_collection(conn, 'sqla_notes').id}")
+        for (name,) in triggers
+    )
+    assert conn.execute(documents).fetchone()[0] == before
 
 
 def test_hostile_texts_are_bound_parameters(engine, conn, model, collection, notes):
