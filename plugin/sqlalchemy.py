@@ -156,6 +156,9 @@ def search(
     hybrid: bool | ColumnElement[bool] | None = None,
     ef_search: int | ColumnElement[int] | None = None,
     mode: str | ColumnElement[str] | None = None,
+    weights: Mapping[str, float] | ColumnElement[Any] | None = None,
+    fusion: str | ColumnElement[str] | None = None,
+    rrf_k: int | ColumnElement[int] | None = None,
     name: str = "hits",
 ) -> TableValuedAlias:
     """`longembed.search(collection, query, k, ...)` as a table-valued function named `name`: the top-k
@@ -163,8 +166,10 @@ def search(
     `char_start`, `char_end` (int), `snippet` (str), `metadata` (dict), `truncated` (bool), best first
     when ordered by score descending (a FROM clause has no order of its own).
 
-    `filter`: a JSON object the documents' metadata must contain; `hybrid`: fuse with full-text ranking;
-    `ef_search`, `mode`: as the SQL function takes them. Each is sent by name, only when given.
+    `filter`: a JSON object the documents' metadata must contain; `hybrid`, `ef_search`, `mode`,
+    `weights`, `fusion`, `rrf_k`: as the SQL function takes them (README: SQL, search modes). Each is
+    sent by name (`mode => ...`), only when given, so a server whose longembed.search() lacks one
+    refuses only the calls that use it.
     """
     args: list[ColumnElement[Any]] = [
         _value(collection, sa.Text()),
@@ -176,6 +181,9 @@ def search(
         ("hybrid", hybrid, sa.Boolean()),
         ("ef_search", ef_search, sa.Integer()),
         ("mode", mode, sa.Text()),
+        ("weights", weights, JSONB()),
+        ("fusion", fusion, sa.Text()),
+        ("rrf_k", rrf_k, sa.Integer()),
     )
     args += [_NamedArgument(key, _value(value, type_)) for key, value, type_ in optional if value is not None]
     function: Function[Any] = Function("search", *args, packagenames=("longembed",))

@@ -219,8 +219,8 @@ def test_search_options_go_by_name(engine, conn, model, collection):
     with engine.connect() as c:
         assert set(c.execute(query.where(hits.c.score > -1.0)).scalars()) == {"chess", "sourdough"}
     # A parameter that longembed.search() gains later (mode) is passed by name, and only when given.
-    sql = str(sa.select(search("c", "q", mode="x")).compile(dialect=psycopg_dialect.dialect()))
-    assert "mode => " in sql and "filter" not in sql
+    sql = str(sa.select(search("c", "q", mode="x", rrf_k=5)).compile(dialect=psycopg_dialect.dialect()))
+    assert "mode => " in sql and "rrf_k => " in sql and "filter" not in sql and "weights" not in sql
 
 
 def test_search_columns_are_the_sql_functions(engine, conn):
@@ -233,6 +233,34 @@ def test_search_columns_are_the_sql_functions(engine, conn):
     declared = dict(part.strip().split(" ", 1) for part in result.removeprefix("TABLE(")[:-1].split(","))
     for name, type_ in SEARCH_COLUMNS:
         assert declared[name] == type_.compile(engine.dialect).lower(), (name, declared)
+
+
+def test_search_modes_equal_python_search(engine, conn, model, collection):
+    """mode/weights/fusion/rrf_k reach longembed.search() by name: the rows of Python search()."""
+    names = conn.execute(
+        "SELECT proargnames FROM pg_proc "
+        "WHERE proname = 'search' AND pronamespace = 'longembed'::regnamespace"
+    ).fetchone()[0]
+    if "mode" not in names:
+        pytest.skip("this longembed.search() has no search modes yet")
+    options = [
+        {"mode": "dense"},
+        {"mode": "lexical"},
+        {
+            "mode": "hybrid",
+            "weights": {"dense": 1, "chunks": 1, "lexical": 0.5},
+            "fusion": "rrf",
+            "rrf_k": 10,
+        },
+        {"mode": "hybrid", "fusion": "minmax"},
+    ]
+    for option in options:
+        python = python_search(conn, collection, "bread with yeast", k=3, model=model, **option)
+        hits = search(collection, "bread with yeast", 3, **option)
+        with engine.connect() as c:
+            rows = c.execute(sa.select(hits.c.external_id, hits.c.score).order_by(hits.c.score.desc())).all()
+        assert [r.external_id for r in rows] == [p.external_id for p in python], option
+        np.testing.assert_allclose([r.score for r in rows], [p.score for p in python], atol=1e-5)
 
 
 def test_a_cached_statement_takes_new_values(engine, collection):
