@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -207,3 +209,24 @@ def test_the_app_says_why_it_cannot_start(dsn):
     )
     assert result.returncode == 1
     assert result.stderr.startswith("notes: error: no collection named 'nope'"), result.stderr
+
+
+def test_503_while_the_model_host_is_down_then_back(app, conn, model_host):
+    """SIGKILL the host: the app answers 503 with the SQL layer's reason and adds nothing; once the
+    supervisor has started the host again, the same request works."""
+    supervisor = model_host.running_pid()
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
+        (serve_pid,) = (int(pid) for pid in f.read().split())
+    before = _count(conn)
+    os.kill(serve_pid, signal.SIGKILL)
+    down = app.post("/notes", json={"body": "written while the host is down"})
+    assert down.status_code == 503, down.text
+    assert "model host" in down.json()["error"]
+    assert app.get("/notes/search", params={"q": "anything"}).status_code == 503
+    assert _count(conn) == before
+    deadline = time.monotonic() + 120
+    while (response := app.post("/notes", json={"body": "written once it is back"})).status_code == 503:
+        assert time.monotonic() < deadline, "the host did not come back"
+        time.sleep(0.5)
+    assert response.status_code == 201, response.text
+    assert _count(conn) == before + 1
