@@ -42,6 +42,7 @@ BEGIN
         CASE c.distance WHEN 'cosine' THEN 'vector_cosine_ops' WHEN 'l2' THEN 'vector_l2_ops'
                         ELSE 'vector_ip_ops' END,
         c.hnsw_m, c.hnsw_ef_construction);
+    PERFORM longembed.track_vector_changes(v_table);  -- 040_vector_changes.sql
     -- As 090_privileges.sql grants on the chunk tables that exist when it runs.
     FOREACH v_role IN ARRAY ARRAY['longembed_reader', 'longembed_writer'] LOOP
         IF to_regrole(v_role) IS NOT NULL THEN

@@ -43,6 +43,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dsn", default=None, help="PostgreSQL (default: $LONGEMBED_DSN)")
     p.add_argument("--no-worker", action="store_true", help="do not run the ingestion worker in-process")
+    p.add_argument(
+        "--hnsw",
+        action="append",
+        default=None,
+        metavar="COLLECTION",
+        help="search this collection through an in-process hnswlib index kept in sync with PostgreSQL "
+        "(repeatable; needs --dsn and `pip install longembed[fast]`)",
+    )
+    p.add_argument(
+        "--hnsw-dir",
+        default=None,
+        help="where the hnswlib indexes are saved (default: hnsw/ under LONGEMBED_HOME; created 0700)",
+    )
     options.batch_tokens(p)
     p.add_argument(
         "--threads",
@@ -102,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
             max_input_chars=args.max_input_chars,
             max_body_bytes=args.max_body_bytes,
             api_keys=keys,
+            hnsw=tuple(args.hnsw or ()),
+            hnsw_dir=str(args.hnsw_dir or settings().home / "hnsw"),
         )
         if args.port:
             sockets.append(bind_tcp(args.host, args.port))

@@ -9,18 +9,21 @@ when a collection in the database uses it (the host never loads arbitrary names 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 
 from longembed.plugin.db import connect
 from longembed.plugin.service.batcher import INTERACTIVE, Batcher
 from longembed.plugin.service.errors import ApiError
-from longembed.plugin.service.metrics import IngestionBacklog, Metrics, QueueDepth
+from longembed.plugin.service.fastpath import FastPath
+from longembed.plugin.service.metrics import IndexStaleness, IngestionBacklog, Metrics, QueueDepth
 from longembed.plugin.service.served import BatchedModel, ServedModel
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,8 @@ class HostConfig:
     max_input_chars: int = 1_000_000  # characters per input
     max_body_bytes: int = 16 * 1024 * 1024
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    hnsw: tuple[str, ...] = ()  # collections searched through an in-process hnswlib index (fastpath.py)
+    hnsw_dir: str | None = None  # where those indexes are saved (needed with hnsw)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -52,6 +57,10 @@ class HostConfig:
             raise ValueError("batch_tokens must be positive")
         if not 0 <= self.max_wait <= 1:
             raise ValueError(f"the batching window must be 0 to 1000 ms, got {self.max_wait * 1000:g} ms")
+        if self.hnsw and not (self.dsn and self.hnsw_dir):
+            raise ValueError("an hnsw index needs the database (dsn) and a directory to keep it in")
+        if self.hnsw and importlib.util.find_spec("hnswlib") is None:
+            raise ValueError("the hnsw fast path needs hnswlib: pip install 'longembed[fast]'")
 
 
 class Host:
@@ -61,6 +70,10 @@ class Host:
         self.metrics.add_collector(QueueDepth(self._depths))
         if config.dsn:
             self.metrics.add_collector(IngestionBacklog(self.connect))
+        self.fastpath: FastPath | None = None
+        if config.hnsw:
+            self.fastpath = FastPath(config.dsn, config.hnsw, Path(config.hnsw_dir))
+            self.metrics.add_collector(IndexStaleness(self.fastpath.staleness))
         self._models: list[ServedModel] = []  # the first is the default
         self._lock = threading.Lock()  # guards _models
         self._load_lock = threading.Lock()  # one model load at a time
@@ -76,6 +89,8 @@ class Host:
         """Load the models in the background (or now, with `wait`), then start the workers."""
         thread = threading.Thread(target=self._load_all, name="longembed-load", daemon=True)
         thread.start()
+        if self.fastpath is not None:
+            self.fastpath.start()
         if wait:
             thread.join()
             if self._load_error:
@@ -108,6 +123,8 @@ class Host:
             served.batcher.stop()
         while not self._idle.empty():
             self._idle.get_nowait().close()
+        if self.fastpath is not None:
+            self.fastpath.stop()
 
     # -- models --------------------------------------------------------------------------------
 

@@ -31,10 +31,11 @@ from starlette.routing import Route
 from longembed.encoder.profiles import KINDS
 from longembed.plugin.service.batcher import INTERACTIVE, BatcherStopped, QueueFull
 from longembed.plugin.service.errors import ApiError, invalid
+from longembed.plugin.service.fastpath import search_vector
 from longembed.plugin.service.host import Host, HostConfig
 from longembed.plugin.service.served import OVERFLOWS
 from longembed.plugin.store.collections import CollectionNotFound, get_collection
-from longembed.plugin.store.search import search_by_vector
+from longembed.plugin.store.search import as_vector
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,26 @@ def build_app(host: Host) -> Starlette:
         req = parse_search_request(await _read_json(request, host.config.max_body_bytes), host.config)
         with host.database() as conn:
 
-            def prepare() -> tuple[Any, Any, Any, int | None]:  # the collection, maybe a model load
+            def search_in_db(collection: Any, vector: Any) -> tuple[list, str]:  # in a worker thread
+                try:
+                    if vector is None:
+                        vector = as_vector(req.vector, collection.dim)
+                    return search_vector(
+                        host.fastpath if req.index == "auto" else None,
+                        conn,
+                        collection,
+                        vector,
+                        req.k,
+                        filter=req.filter,
+                        ef_search=req.ef_search,
+                        hybrid_text=req.query if req.hybrid else None,
+                    )
+                except ValueError as exc:
+                    raise invalid(str(exc)) from None
+                except psycopg.Error as exc:
+                    raise ApiError(503, f"the search failed in the database: {exc}", retry_after=5) from None
+
+            def prepare() -> tuple[Any, Any, Any, int | None, Any]:  # the collection, maybe a model load
                 try:
                     collection = get_collection(conn, req.collection)
                 except CollectionNotFound:
@@ -139,6 +159,8 @@ def build_app(host: Host) -> Starlette:
                         param="collection",
                         code="collection_not_found",
                     ) from None
+                if req.vector is not None:  # embedded elsewhere: no model; search in this same thread hop
+                    return collection, None, None, None, search_in_db(collection, None)
                 served = host.model(collection.model_source)
                 if served.info.revision != collection.model_revision:
                     raise ApiError(
@@ -151,34 +173,24 @@ def build_app(host: Host) -> Starlette:
                 dims = collection.dim if collection.dim != served.info.dim else None
                 served.check_dimensions(dims)
                 return collection, served, served.plan([req.query], "query", collection.query_prefix,
-                                                       "truncate"), dims  # fmt: skip
+                                                       "truncate"), dims, None  # fmt: skip
 
-            collection, served, plan, dims = await run_in_threadpool(prepare)
-            rows = await _compute(served, plan)
-            embedded = served.finish(plan, rows, "truncate", dims)
-            vector = embedded.vectors[0]
-            try:
-                results = await run_in_threadpool(
-                    search_by_vector,
-                    conn,
-                    collection,
-                    vector,
-                    req.k,
-                    filter=req.filter,
-                    ef_search=req.ef_search,
-                    hybrid_text=req.query if req.hybrid else None,
-                )
-            except ValueError as exc:
-                raise invalid(str(exc)) from None
-            except psycopg.Error as exc:
-                raise ApiError(503, f"the search failed in the database: {exc}", retry_after=5) from None
+            collection, served, plan, dims, found = await run_in_threadpool(prepare)
+            if found is None:
+                embedded = served.finish(plan, await _compute(served, plan), "truncate", dims)
+                found = await run_in_threadpool(search_in_db, collection, embedded.vectors[0])
+                model, tokens = served.info.name, embedded.n_tokens[0]
+            else:
+                model, tokens = collection.model_name, 0
+            results, index = found
         return JSONResponse(
             {
                 "object": "list",
                 "collection": collection.name,
-                "model": served.info.name,
+                "model": model,
                 "data": [asdict(r) for r in results],
-                "usage": {"prompt_tokens": embedded.n_tokens[0], "total_tokens": embedded.n_tokens[0]},
+                "index": index,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
 
@@ -219,11 +231,13 @@ def build_app(host: Host) -> Starlette:
 @dataclass(frozen=True)
 class SearchRequest:
     collection: str
-    query: str
+    query: str | None
     k: int
     filter: dict[str, Any] | None
     hybrid: bool
     ef_search: int | None
+    vector: list[float] | None = None  # instead of `query`: a query vector embedded elsewhere
+    index: str = "auto"  # "pgvector": skip the host's hnswlib index even where it has one
 
 
 async def _compute(served: Any, plan: Any) -> Any:
@@ -242,10 +256,17 @@ def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequ
     collection = body.get("collection")
     if not isinstance(collection, str) or not collection:
         raise invalid("'collection' is required: the collection's name", "collection")
-    query = body.get("query")
-    if not isinstance(query, str) or not query.strip():
+    query, vector = body.get("query"), body.get("vector")
+    if vector is not None:
+        if query is not None:
+            raise invalid("give 'query' (a text) or 'vector' (its embedding), not both", "vector")
+        if not isinstance(vector, list) or not all(_is_number(x) for x in vector):
+            raise invalid("'vector' must be an array of numbers", "vector")
+        if body.get("hybrid"):
+            raise invalid("hybrid search needs a text 'query', not a 'vector'", "hybrid")
+    elif not isinstance(query, str) or not query.strip():
         raise invalid("'query' is required: a text that is not empty or only whitespace", "query")
-    if len(query) > config.max_input_chars:
+    elif len(query) > config.max_input_chars:
         raise invalid(f"'query' has {len(query)} characters; at most {config.max_input_chars}", "query")
     k = body.get("k", 10)
     if isinstance(k, bool) or not isinstance(k, int):
@@ -259,7 +280,12 @@ def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequ
     ef_search = body.get("ef_search")
     if ef_search is not None and (isinstance(ef_search, bool) or not isinstance(ef_search, int)):
         raise invalid(f"'ef_search' must be an integer, got {_json_type(ef_search)}", "ef_search")
-    return SearchRequest(collection, query, k, filter_, hybrid, ef_search)
+    index = _choice(body, "index", ("auto", "pgvector"), "auto")
+    return SearchRequest(collection, query, k, filter_, hybrid, ef_search, vector, index)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def parse_embedding_request(body: dict[str, Any], config: HostConfig) -> EmbeddingRequest:

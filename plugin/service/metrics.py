@@ -157,3 +157,44 @@ class IngestionBacklog(Collector):
             "Age of the oldest document in the ingestion queue (0 when empty)",
             value=float(age),
         )
+
+
+class IndexStaleness(Collector):
+    """The hnswlib fast path's indexes at scrape time (fastpath.py): how far each is behind its table."""
+
+    def __init__(self, rows: Callable[[], Iterable[tuple]]) -> None:
+        self._rows = rows
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["collection"]
+        ready = GaugeMetricFamily("longembed_hnsw_ready", "1 when the index answers searches", labels=labels)
+        vectors = GaugeMetricFamily("longembed_hnsw_vectors", "Chunk vectors in the index", labels=labels)
+        pending = GaugeMetricFamily(
+            "longembed_hnsw_pending_changes",
+            "Committed changes of the table not in the index yet",
+            labels=labels,
+        )
+        seq_lag = GaugeMetricFamily(
+            "longembed_hnsw_seq_lag",
+            "Highest committed change seq minus the highest the index applied (0 when none is pending)",
+            labels=labels,
+        )
+        seconds = GaugeMetricFamily(
+            "longembed_hnsw_lag_seconds",
+            "Age of the oldest committed change not in the index (0 when up to date)",
+            labels=labels,
+        )
+        try:
+            for name, is_ready, n, lag in self._rows():
+                ready.add_metric([name], int(is_ready))
+                vectors.add_metric([name], n)
+                pending.add_metric([name], lag.pending)
+                seq_lag.add_metric([name], lag.seq_lag)
+                seconds.add_metric([name], lag.seconds)
+        except Exception as exc:  # a scrape must not fail because the database is away
+            log.warning("hnsw staleness unavailable: %s", exc)
+            return
+        yield from (ready, vectors, pending, seq_lag, seconds)

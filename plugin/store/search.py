@@ -55,11 +55,11 @@ def search(
     the encoder for text queries (default: the collection's model, loaded once per process).
     """
     target = collection if isinstance(collection, Collection) else get_collection(conn, collection)
-    _check_arguments(k, ef_search, filter)
+    check_arguments(k, ef_search, filter)
     text = query if isinstance(query, str) else None
     if hybrid and text is None:
         raise ValueError("hybrid search needs a text query")
-    vector = embed_query(target, text, model) if text is not None else _as_vector(query, target.dim)
+    vector = embed_query(target, text, model) if text is not None else as_vector(query, target.dim)
     return search_by_vector(
         conn, target, vector, k, filter=filter, ef_search=ef_search, hybrid_text=text if hybrid else None
     )
@@ -77,7 +77,7 @@ def search_by_vector(
 ) -> list[SearchResult]:
     """The search for a query vector embedded elsewhere (the model host's /v1/search); `hybrid_text`:
     fuse with full-text ranking of that text."""
-    _check_arguments(k, ef_search, filter)
+    check_arguments(k, ef_search, filter)
     params = (collection.name, vector, k, Jsonb(dict(filter)) if filter is not None else None, ef_search)
     if hybrid_text is not None:
         rows = conn.execute(
@@ -89,7 +89,7 @@ def search_by_vector(
     return [SearchResult(*row) for row in rows]
 
 
-def _check_arguments(k: Any, ef_search: Any, filter: Any) -> None:
+def check_arguments(k: Any, ef_search: Any, filter: Any) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
     if ef_search is not None and (
@@ -133,7 +133,7 @@ def embed_query(collection: Collection, text: str, model: Any = None) -> np.ndar
     return model.embed([text], kind="query", instruction=collection.query_prefix, **sized)[0]
 
 
-def _as_vector(query: Any, dim: int) -> np.ndarray:
+def as_vector(query: Any, dim: int) -> np.ndarray:
     try:
         vector = np.asarray(query, dtype=np.float32)
     except (TypeError, ValueError) as exc:
