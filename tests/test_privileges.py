@@ -12,6 +12,7 @@ import dataclasses
 import json
 import secrets
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -328,7 +329,7 @@ def test_app_role_is_what_dsn_gives_and_runs_ingest_and_search(tmp_path, monkeyp
         return code, out, err
 
     try:
-        assert cli("up", "--http-port", "0")[0] == 0
+        assert cli("up", "--http-port", "0", "--hnsw", "notes")[0] == 0
         assert (home / "app-password").stat().st_mode & 0o777 == 0o600
         app = cli("dsn")[1].strip()
         admin = cli("dsn", "--admin")[1].strip()
@@ -355,6 +356,15 @@ def test_app_role_is_what_dsn_gives_and_runs_ingest_and_search(tmp_path, monkeyp
                 "SELECT external_id FROM longembed.search('notes', 'tea and hot water', 1)"
             )
             assert sql_hit.fetchall() == [(hit["external_id"],)]
+        # `up --hnsw notes`: the host, as the app role, follows the collection made after it started.
+        deadline = time.monotonic() + 60
+        while True:
+            status, body = host_of(server).post("/v1/search", {"collection": "notes", "query": "tea", "k": 1})
+            assert status == 200, body
+            if body["index"] == "hnswlib" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert body["index"] == "hnswlib" and body["data"][0]["external_id"] == hit["external_id"]
         supervisor = host_of(server).running_pid()
         host_env = Path(f"/proc/{supervisor}/environ").read_bytes().split(b"\0")
         [host_dsn] = [v.split(b"=", 1)[1].decode() for v in host_env if v.startswith(b"LONGEMBED_DSN=")]

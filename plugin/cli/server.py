@@ -4,6 +4,7 @@ model host (`longembed serve`) that `up` runs beside it."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -44,6 +45,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         help="the host's torch threads (default: cores - 1; all cores answer a lone query faster)",
+    )
+    p.add_argument(
+        "--hnsw",
+        action="append",
+        metavar="COLLECTION",
+        help="the host searches this collection through an hnswlib index kept in sync (repeatable; needs "
+        "`pip install longembed[fast]`; indexes saved under hnsw/ in LONGEMBED_HOME)",
     )
     p.add_argument("--no-host", action="store_true", help="start PostgreSQL only (SQL embed() then fails)")
     p.set_defaults(run=_cmd_up)
@@ -118,9 +126,11 @@ def host_serve_args(
     http_port: int,
     models: list[str] | tuple[str, ...] = (),
     threads: int | None = None,
+    hnsw: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
     """`longembed serve` arguments for the host beside `server`: its socket (handed to the server's OS
-    user as root, so backends connect), the HTTP port (0: none), models and torch threads."""
+    user as root, so backends connect), the HTTP port (0: none), models, torch threads and the
+    collections searched through hnswlib."""
     args = ["--socket", str(server.host_socket), "--port", str(http_port)]
     if server.service_user is not None:
         args += ["--socket-user", server.service_user]
@@ -128,6 +138,8 @@ def host_serve_args(
         args += ["--model", model]
     if threads is not None:
         args += ["--threads", str(threads)]
+    for collection in hnsw:
+        args += ["--hnsw", collection]
     return args
 
 
@@ -142,7 +154,10 @@ def _start_host(server: EmbeddedServer, args: argparse.Namespace) -> None:
         raise HostError(
             f"port {http_port} on 127.0.0.1 is in use: pass --http-port N (0: only the Unix socket)"
         )
-    serve_args = host_serve_args(server, http_port, args.model or [], args.threads)
+    if args.hnsw and importlib.util.find_spec("hnswlib") is None:
+        # Found here, not in the supervised host's log after `up` said it started.
+        raise errors.UsageError("--hnsw needs hnswlib: pip install 'longembed[fast]'")
+    serve_args = host_serve_args(server, http_port, args.model or [], args.threads, args.hnsw or [])
     # The application role, not the superuser; in the environment, not in argv (ps shows argv to all).
     env = dict(os.environ, LONGEMBED_DSN=server.app_dsn())
     pid = host.start(serve_args, env)
