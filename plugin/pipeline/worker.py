@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+import numpy as np
 import psycopg
 
 from longembed.plugin.pipeline import queue
@@ -28,7 +29,7 @@ class EmbeddingModel(Protocol):
 
     info: Any  # encoder.ModelInfo: name, revision, dim, ...
 
-    def embed_chunks(self, texts: Sequence[str], **kwargs: Any) -> list[list[queue.ChunkRow]]: ...
+    def embed_documents(self, texts: Sequence[str], **kwargs: Any) -> list[Any]: ...  # DocumentVectors
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
@@ -201,7 +202,7 @@ class Worker:
             queue.release(self.conn, self.token, [item.document_id for item in items[keep:]])
         items = items[:keep]
         stats.tokens = budget
-        results: dict[int, list] = {}
+        results: dict[int, queue.Embedded] = {}
         by_collection: dict[int, list[queue.ClaimedItem]] = {}
         for item in items:
             by_collection.setdefault(item.collection_id, []).append(item)
@@ -220,7 +221,7 @@ class Worker:
             errors = {item.document_id: f"write failed: {exc}" for item in items} | errors
             retrying, parked = self._record_failures(errors)
         stats.embedded = len(written)
-        stats.truncated = sum(any(c.truncated for c in results[doc_id]) for doc_id in written)
+        stats.truncated = sum(any(c.truncated for c in results[doc_id].chunks) for doc_id in written)
         stats.dropped = len(results) - len(written)
         stats.retrying, stats.parked = len(retrying), len(parked)
         stats.db_seconds += time.perf_counter() - t0
@@ -232,7 +233,7 @@ class Worker:
         self,
         collections: dict[int, Collection],
         by_collection: dict[int, list[queue.ClaimedItem]],
-        results: dict[int, list],
+        results: dict[int, queue.Embedded],
         errors: dict[int, str],
     ) -> tuple[list[int], list[int], list[int]]:
         """One transaction: write results, record failures."""
@@ -261,7 +262,7 @@ class Worker:
         self,
         collection: Collection,
         group: list[queue.ClaimedItem],
-        results: dict[int, list],
+        results: dict[int, queue.Embedded],
         errors: dict[int, str],
     ) -> None:
         try:
@@ -279,8 +280,9 @@ class Worker:
             except Exception as exc:
                 errors[item.document_id] = f"{type(exc).__name__}: {exc}"
 
-    def _embed(self, collection: Collection, texts: list[str]) -> list[list[queue.ChunkRow]]:
-        chunks = self.model.embed_chunks(
+    def _embed(self, collection: Collection, texts: list[str]) -> list[queue.Embedded]:
+        # Chunks and head vectors in one encoder run; a chunk that is the head is not embedded twice.
+        documents = self.model.embed_documents(
             texts,
             mode=collection.mode,
             chunk_tokens=collection.chunk_tokens,
@@ -291,15 +293,21 @@ class Worker:
             # Only when truncating: a model of the collection's own size needs no `dimensions`.
             **({"dimensions": collection.dim} if collection.dim != self.model.info.dim else {}),
         )
-        for doc_chunks in chunks:
-            if not doc_chunks:
+        out = []
+        for doc in documents:
+            if not doc.chunks:
                 raise ValueError("the encoder returned no chunk for a document")
-            for chunk in doc_chunks:
-                if chunk.vector.shape != (collection.dim,):
+            for vector in [doc.head, *(chunk.vector for chunk in doc.chunks)]:
+                if vector.shape != (collection.dim,):
                     raise ValueError(
-                        f"encoder gave a {chunk.vector.shape} vector for {collection.dim}-d {collection.name}"
+                        f"encoder gave a {vector.shape} vector for {collection.dim}-d {collection.name}"
                     )
-        return chunks
+            if collection.document_vector == "mean":
+                n_tokens = sum(chunk.n_tokens for chunk in doc.chunks)
+                out.append(queue.Embedded(doc.chunks, mean_of_chunks(doc.chunks), n_tokens, False))
+            else:
+                out.append(queue.Embedded(doc.chunks, doc.head, doc.head_tokens, doc.head_truncated))
+        return out
 
     def drain(self, stop: threading.Event | None = None, total: WorkerStats | None = None) -> WorkerStats:
         """Process batches until nothing is ready (items leased by others or backing off: not waited for).
@@ -323,6 +331,14 @@ class Worker:
             if stats.batches == 0:
                 stop.wait(self.config.poll_interval)
         return total
+
+
+def mean_of_chunks(chunks: Sequence[queue.ChunkRow]) -> np.ndarray:
+    """The chunk vectors' mean weighted by their tokens, L2-normalised: a document vector that sees all
+    of a long text (of late chunks: windows that each saw their whole block)."""
+    weights = np.array([max(chunk.n_tokens, 1) for chunk in chunks], dtype=np.float32)
+    mean = (np.stack([chunk.vector for chunk in chunks]) * weights[:, None]).sum(axis=0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
 
 def ready_work(conn: psycopg.Connection, names: Sequence[str] | None = None) -> dict[str, list[str]]:
