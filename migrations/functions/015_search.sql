@@ -448,3 +448,16 @@ BEGIN
           v_pool, v_lexical, v_options ->> 'fusion', coalesce((v_options ->> 'rrf_k')::float8, 60);
 END;
 $$;
+
+-- The lexical score p_query would give p_text were it a document of the collection (what
+-- longembed.search_lexical_pool ranks by): plugin/store/calibrate.py scores a document with its
+-- pseudo-query taken out of it.
+CREATE OR REPLACE FUNCTION longembed.search_lexical_score(p_collection_id bigint, p_query text, p_text text)
+RETURNS double precision
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN to_tsvector(c.text_search_config, p_text) @@ q
+                THEN ts_rank_cd(to_tsvector(c.text_search_config, p_text), q)::float8 END
+    FROM longembed.collections c, websearch_to_tsquery(c.text_search_config, p_query) q
+    WHERE c.id = p_collection_id;
+END;

@@ -18,6 +18,7 @@ import numpy as np
 import psycopg
 
 from longembed.plugin.pipeline import queue
+from longembed.plugin.store import calibrate
 from longembed.plugin.store.collections import Collection, get_collection, list_collections
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class EmbeddingModel(Protocol):
     info: Any  # encoder.ModelInfo: name, revision, dim, ...
 
     def embed_documents(self, texts: Sequence[str], **kwargs: Any) -> list[Any]: ...  # DocumentVectors
+
+    def embed_chunks(self, texts: Sequence[str], **kwargs: Any) -> list[list[queue.ChunkRow]]: ...
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
@@ -137,6 +140,7 @@ class Worker:
         # cannot count tokens) so that about one token budget's worth is leased at a time.
         self._bytes_per_token = INITIAL_BYTES_PER_TOKEN
         self._warned: set[str] = set()
+        self._written: set[int] = set()  # collections written to since auto's choice was last checked
         if self.names:
             for name in self.names:  # fail now, clearly, rather than idle forever
                 reason = incompatibility(get_collection(conn, name), model.info)
@@ -176,6 +180,7 @@ class Worker:
         )
         stats.db_seconds += time.perf_counter() - t0
         if not items:
+            self._recalibrate(collections)
             return stats
         stats.batches = 1
         errors: dict[int, str] = {}
@@ -221,6 +226,8 @@ class Worker:
             errors = {item.document_id: f"write failed: {exc}" for item in items} | errors
             retrying, parked = self._record_failures(errors)
         stats.embedded = len(written)
+        if written:
+            self._written.update(by_collection)
         stats.truncated = sum(any(c.truncated for c in results[doc_id].chunks) for doc_id in written)
         stats.dropped = len(results) - len(written)
         stats.retrying, stats.parked = len(retrying), len(parked)
@@ -246,6 +253,19 @@ class Worker:
                 )
             retrying, parked = self._record_failures(errors)
         return written, retrying, parked
+
+    def _recalibrate(self, collections: dict[int, Collection]) -> None:
+        """With the queue drained: choose `auto`'s fusion again for collections that changed enough
+        (store/calibrate.py), with this worker's model."""
+        for collection_id in sorted(self._written & set(collections)):
+            collection = collections[collection_id]
+            try:
+                if calibrate.due(self.conn, collection):
+                    chosen = calibrate.calibrate(self.conn, collection, *embedders(self.model, collection))
+                    log.info("collection %s: search mode auto chose %s", collection.name, chosen["weights"])
+            except (psycopg.Error, ValueError) as exc:  # searches go on with the previous choice
+                log.warning("could not calibrate search mode auto of %s: %s", collection.name, exc)
+        self._written.clear()
 
     def _record_failures(self, errors: dict[int, str]) -> tuple[list[int], list[int]]:
         cfg = self.config
@@ -331,6 +351,23 @@ class Worker:
             if stats.batches == 0:
                 stop.wait(self.config.poll_interval)
         return total
+
+
+def embedders(model: Any, collection: Collection) -> tuple[calibrate.Embed, calibrate.Embed]:
+    """(queries, document heads) -> vectors for `collection` with `model` (EmbeddingModel or the host's
+    BatchedModel): its prefixes and size, as searches and the worker embed them."""
+    sized = {"dimensions": collection.dim} if collection.dim != model.info.dim else {}
+
+    def embed(kind: str, instruction: str | None) -> calibrate.Embed:
+        def run(texts: Sequence[str]) -> np.ndarray:
+            if not texts:
+                return np.zeros((0, collection.dim), dtype=np.float32)
+            docs = model.embed_chunks(list(texts), mode="full", kind=kind, instruction=instruction, **sized)
+            return np.stack([doc[0].vector for doc in docs])
+
+        return run
+
+    return embed("query", collection.query_prefix), embed("document", collection.document_prefix)
 
 
 def mean_of_chunks(chunks: Sequence[queue.ChunkRow]) -> np.ndarray:
