@@ -263,7 +263,7 @@ class Worker:
                 if calibrate.due(self.conn, collection):
                     chosen = calibrate.calibrate(self.conn, collection, *embedders(self.model, collection))
                     log.info("collection %s: search mode auto chose %s", collection.name, chosen["weights"])
-            except (psycopg.Error, ValueError) as exc:  # searches go on with the previous choice
+            except Exception as exc:  # searches go on with the previous choice; ingestion goes on
                 log.warning("could not calibrate search mode auto of %s: %s", collection.name, exc)
         self._written.clear()
 
