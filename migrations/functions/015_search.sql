@@ -248,14 +248,25 @@ END;
 $$;
 
 -- The lexical signal: (document_id, score), best first, embedded documents only. The one place that
--- names the lexical ranking function.
+-- names the lexical ranking function (with search_lexical_score below). A document matches when it has
+-- any of the query's words (as BM25 ranks): websearch_to_tsquery ANDs them, and a sentence-long query
+-- would then match almost nothing.
+CREATE OR REPLACE FUNCTION longembed.search_lexical_query(p_config regconfig, p_query text)
+RETURNS tsquery
+LANGUAGE sql IMMUTABLE STRICT
+BEGIN ATOMIC
+    SELECT coalesce(to_tsquery('simple', string_agg(quote_literal(lexeme), ' | ')), ''::tsquery)
+    FROM unnest(tsvector_to_array(to_tsvector(p_config, p_query))) AS lexeme;
+END;
+
 CREATE OR REPLACE FUNCTION longembed.search_lexical_pool(
     p_collection_id bigint, p_query text, p_n integer, p_filter jsonb DEFAULT NULL)
 RETURNS TABLE (document_id bigint, score double precision)
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT d.id, ts_rank_cd(d.tsv, q)::float8
-    FROM longembed.documents d, longembed.collections c, websearch_to_tsquery(c.text_search_config, p_query) q
+    FROM longembed.documents d, longembed.collections c,
+         longembed.search_lexical_query(c.text_search_config, p_query) q
     WHERE c.id = p_collection_id AND d.collection_id = c.id AND d.tsv @@ q AND d.status = 'embedded'
       AND (p_filter IS NULL OR d.metadata @> p_filter)
     ORDER BY 2 DESC, d.external_id
@@ -438,11 +449,11 @@ BEGIN
                 $p$SELECT 'dense' AS signal, p.document_id, p.score, $7::float8 AS weight
                    FROM longembed.search_dense_pool($9, $3, $10, $5, $6) p$p$ END,
             CASE WHEN v_chunks > 0 THEN
-                $p$SELECT 'chunks', d.id, v.score, $8::float8
+                $p$SELECT 'chunks' AS signal, d.id AS document_id, v.score, $8::float8 AS weight
                    FROM longembed.search_vector($1, $3, $10, $5, $6) v
                    JOIN longembed.documents d ON d.collection_id = $9 AND d.external_id = v.external_id$p$ END,
             CASE WHEN v_lexical > 0 THEN
-                $p$SELECT 'lexical', l.document_id, l.score, $11::float8
+                $p$SELECT 'lexical' AS signal, l.document_id, l.score, $11::float8 AS weight
                    FROM longembed.search_lexical_pool($9, $2, $10, $5) l$p$ END], ' UNION ALL '))
     USING p_collection, p_query_text, p_query, p_k, p_filter, p_ef_search, v_dense, v_chunks, c.id,
           v_pool, v_lexical, v_options ->> 'fusion', coalesce((v_options ->> 'rrf_k')::float8, 60);
@@ -458,6 +469,6 @@ LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT CASE WHEN to_tsvector(c.text_search_config, p_text) @@ q
                 THEN ts_rank_cd(to_tsvector(c.text_search_config, p_text), q)::float8 END
-    FROM longembed.collections c, websearch_to_tsquery(c.text_search_config, p_query) q
+    FROM longembed.collections c, longembed.search_lexical_query(c.text_search_config, p_query) q
     WHERE c.id = p_collection_id;
 END;
