@@ -134,63 +134,6 @@ BEGIN
 END;
 $$;
 
--- Hybrid: the vector ranking and PostgreSQL full-text ranking (websearch syntax, the collection's text
--- search configuration) fused by reciprocal rank fusion, score = sum of 1 / (60 + rank). Documents found
--- only by the text side still report their best chunk by vector distance.
-CREATE OR REPLACE FUNCTION longembed.search_hybrid(
-    p_collection text, p_query_text text, p_query vector, p_k integer DEFAULT 10,
-    p_filter jsonb DEFAULT NULL, p_ef_search integer DEFAULT NULL)
-RETURNS TABLE (external_id text, score double precision, chunk_ordinal integer, char_start integer,
-               char_end integer, snippet text, metadata jsonb, truncated boolean)
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    c      longembed.collections%ROWTYPE;
-    v_pool integer := greatest(p_k, 50);
-BEGIN
-    IF p_k IS NULL OR p_k < 1 OR p_k > 1000 THEN
-        RAISE EXCEPTION 'longembed: k must be in 1..1000, got %', p_k USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    SELECT * INTO c FROM longembed.collections WHERE name = p_collection;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'longembed: no collection named %', quote_literal(p_collection)
-            USING ERRCODE = 'undefined_object';
-    END IF;
-    RETURN QUERY EXECUTE format(
-        $q$WITH v AS (
-               SELECT * FROM longembed.search_vector($1, $3, $4, $5, $6)
-                   WITH ORDINALITY AS v(external_id, score, chunk_ordinal, char_start, char_end, snippet,
-                                        metadata, truncated, rnk)),
-           l AS (
-               SELECT d.external_id, row_number() OVER (ORDER BY ts_rank_cd(d.tsv, q) DESC, d.id) AS rnk
-               FROM longembed.documents d, websearch_to_tsquery($7, $2) AS q
-               WHERE d.collection_id = $8 AND d.tsv @@ q AND ($5 IS NULL OR d.metadata @> $5)
-                 AND EXISTS (SELECT 1 FROM longembed.%1$I c WHERE c.document_id = d.id)
-               ORDER BY ts_rank_cd(d.tsv, q) DESC, d.id
-               LIMIT $4),
-           f AS (
-               SELECT u.external_id, sum(1.0 / (60 + u.rnk))::float8 AS rrf
-               FROM (SELECT v.external_id, v.rnk FROM v UNION ALL SELECT l.external_id, l.rnk FROM l) u
-               GROUP BY u.external_id)
-           SELECT f.external_id, f.rrf, coalesce(v.chunk_ordinal, b.ordinal),
-                  coalesce(v.char_start, b.char_start), coalesce(v.char_end, b.char_end),
-                  coalesce(v.snippet, b.snippet), coalesce(v.metadata, b.metadata),
-                  coalesce(v.truncated, b.truncated)
-           FROM f LEFT JOIN v ON v.external_id = f.external_id
-           LEFT JOIN LATERAL (
-               SELECT ch.ordinal, ch.char_start, ch.char_end, d.metadata, ch.truncated,
-                      substr(d.text, ch.char_start + 1, least(ch.char_end - ch.char_start, 300)) AS snippet
-               FROM longembed.documents d JOIN longembed.%1$I ch ON ch.document_id = d.id
-               WHERE v.external_id IS NULL AND d.collection_id = $8 AND d.external_id = f.external_id
-               ORDER BY ch.embedding %2$s $3
-               LIMIT 1) b ON true
-           ORDER BY f.rrf DESC, v.score DESC NULLS LAST, f.external_id
-           LIMIT $9$q$,
-        'chunks_' || c.id, CASE c.distance WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' ELSE '<#>' END)
-    USING p_collection, p_query_text, p_query, v_pool, p_filter, p_ef_search, c.text_search_config, c.id, p_k;
-END;
-$$;
-
 -- Search modes (a collection's search_mode is the default, a call may name another):
 --   dense    documents by their document vector (docvecs_<id>: the head, or all of a long-context
 --            model's window, or the mean of the chunks)
@@ -471,4 +414,18 @@ BEGIN ATOMIC
                 THEN ts_rank_cd(to_tsvector(c.text_search_config, p_text), q)::float8 END
     FROM longembed.collections c, longembed.search_lexical_query(c.text_search_config, p_query) q
     WHERE c.id = p_collection_id;
+END;
+
+-- Hybrid of the best chunk and the lexical ranking by reciprocal rank fusion, score = sum of
+-- 1 / (60 + rank): what mode hybrid with weights {"chunks": 1, "lexical": 1} gives (longembed.search_modes
+-- below), kept for callers from before search modes.
+CREATE OR REPLACE FUNCTION longembed.search_hybrid(
+    p_collection text, p_query_text text, p_query vector, p_k integer DEFAULT 10,
+    p_filter jsonb DEFAULT NULL, p_ef_search integer DEFAULT NULL)
+RETURNS TABLE (external_id text, score double precision, chunk_ordinal integer, char_start integer,
+               char_end integer, snippet text, metadata jsonb, truncated boolean)
+LANGUAGE sql
+BEGIN ATOMIC
+    SELECT * FROM longembed.search_modes(p_collection, p_query_text, p_query, p_k, p_filter, p_ef_search,
+                                         'hybrid', '{"chunks": 1, "lexical": 1}', 'rrf', 60);
 END;
