@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from longembed.plugin.cli import data, embed, errors, quickstart, serve, server
+from longembed.plugin.cli import data, embed, errors, evaluate, quickstart, serve, server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_commands(sub)
     server.add_commands(sub)
     data.add_commands(sub)
+    evaluate.add_commands(sub)
     quickstart.add_commands(sub)
     serve.add_commands(sub)
     return parser
