@@ -5,13 +5,16 @@ signal's own candidate pool (the SQL functions of migrations/functions/015_searc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from longembed.plugin.db import connect
+from longembed.plugin.db import connect, register_vector_if_installed
+from longembed.plugin.migrate import migrate
 from longembed.plugin.models import get_model
 from longembed.plugin.pipeline.worker import Worker, embedders, mean_of_chunks
 from longembed.plugin.store.calibrate import calibrate, due, pseudo_query
@@ -19,9 +22,10 @@ from longembed.plugin.store.collections import create_collection, drop_collectio
 from longembed.plugin.store.documents import Document, add_documents, delete_documents
 from longembed.plugin.store.search import embed_query, search
 from tests.clirun import longembed
-from tests.pgdb import migrated_database
+from tests.pgdb import fresh_database, migrated_database
 from tests.test_ingest_search import CORPUS, HANDBOOK
 
+REPO = Path(__file__).resolve().parents[1]
 # Long enough that 40-token chunks cut it into several, and its head (254 tokens) differs from chunk 0.
 LONG = " ".join([HANDBOOK] * 3)
 
@@ -329,3 +333,56 @@ def test_cli_search_modes_and_collection_list(tmp_path, dsn, corpus):
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
     listed = run("collection", "list")
     assert "auto: rrf dense=1 chunks=1 lexical=1" in listed.stdout, listed.stdout
+
+
+def test_version_3_collections_get_document_vectors_on_upgrade(pg_dsn, tmp_path, monkeypatch, model):
+    package = tmp_path / "v3_migrations"
+    (package / "versions").mkdir(parents=True)
+    (package / "functions").mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("0001_init.sql", "0002_model_source_and_chunk_flags.sql", "0003_privileges.sql"):
+        (package / "versions" / name).write_text((REPO / "migrations/versions" / name).read_text())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with fresh_database(pg_dsn, "le_v3") as url, connect(url) as conn:
+        migrate(conn, "v3_migrations")
+        register_vector_if_installed(conn)  # the connection predates CREATE EXTENSION vector
+        info = model.info
+        (cid,) = conn.execute(
+            """INSERT INTO longembed.collections (name, model_name, model_source, model_revision, dim,
+                   chunk_tokens) VALUES ('old', %s, %s, %s, %s, 254) RETURNING id""",
+            (info.name, info.source, info.revision, info.dim),
+        ).fetchone()
+        conn.execute(
+            f"""CREATE TABLE longembed.chunks_{cid} (
+                    document_id bigint REFERENCES longembed.documents (id) ON DELETE CASCADE,
+                    ordinal integer, char_start integer, char_end integer, n_tokens integer,
+                    truncated boolean NOT NULL DEFAULT false, embedding vector({info.dim}),
+                    PRIMARY KEY (document_id, ordinal))"""
+        )
+        (doc,) = conn.execute(
+            """INSERT INTO longembed.documents (collection_id, external_id, text, content_hash, status,
+                   model_revision) VALUES (%s, 'chess', %s, '\\x00', 'embedded', %s) RETURNING id""",
+            (cid, CORPUS["chess"], info.revision),
+        ).fetchone()
+        conn.execute(
+            f"INSERT INTO longembed.chunks_{cid} VALUES (%s, 0, 0, 10, 5, false, %s::vector)",
+            (doc, str(model.embed([CORPUS["chess"]])[0].tolist())),
+        )
+        conn.commit()
+        report = migrate(conn)
+        assert "0005_document_vectors_and_search_modes.sql" in report.applied
+        old = get_collection(conn, "old")
+        assert old.search_mode == "chunks" and old.document_vector == "head"  # searches as it did
+        # its documents wait for their document vectors; chunk search goes on meanwhile
+        assert conn.execute("SELECT count(*) FROM longembed.queue").fetchone() == (1,)
+        assert [r.external_id for r in search(conn, "old", "Sicilian Defence", 1, model=model)] == ["chess"]
+        assert Worker(conn, model).drain().embedded == 1
+        np.testing.assert_allclose(
+            _vectors(conn, old)["chess"][0], model.embed([CORPUS["chess"]])[0], atol=1e-5
+        )
+        assert [r.external_id for r in search(conn, "old", "chess", 1, mode="dense", model=model)] == [
+            "chess"
+        ]
+        assert create_collection(conn, "new", model.info).search_mode == "auto"
+        drop_collection(conn, "old")
+        assert conn.execute("SELECT to_regclass(%s)", (f"longembed.docvecs_{cid}",)).fetchone() == (None,)
