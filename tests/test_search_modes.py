@@ -17,7 +17,7 @@ from longembed.plugin.db import connect, register_vector_if_installed
 from longembed.plugin.migrate import migrate
 from longembed.plugin.models import get_model
 from longembed.plugin.pipeline.worker import Worker, embedders, mean_of_chunks
-from longembed.plugin.store.calibrate import calibrate, due, pseudo_query
+from longembed.plugin.store.calibrate import _pick, calibrate, due, pseudo_query
 from longembed.plugin.store.collections import create_collection, drop_collection, get_collection
 from longembed.plugin.store.documents import Document, add_documents, delete_documents
 from longembed.plugin.store.search import embed_query, search
@@ -286,6 +286,19 @@ def test_pseudo_queries_are_first_lines_or_first_sentences():
     assert pseudo_query(long_line) == "Sourdough bread is leavened by a starter."
     assert pseudo_query("two words") is None
     assert pseudo_query("") is None
+
+
+def test_near_ties_go_to_fewer_signals_for_short_documents_and_more_for_long_ones():
+    scores = {
+        "dense=1": 0.90,
+        "lexical=1": 0.5,
+        "dense=1 lexical=1": 0.895,
+        "dense=1 chunks=1 lexical=1": 0.893,
+    }
+    assert _pick(scores, short=True) == "dense=1"
+    assert _pick(scores, short=False) == "dense=1 chunks=1 lexical=1"
+    scores["lexical=1"] = 0.95  # a clear winner wins either way
+    assert _pick(scores, short=True) == _pick(scores, short=False) == "lexical=1"
 
 
 def test_auto_is_the_default_and_stores_what_it_chose(conn, model, corpus):

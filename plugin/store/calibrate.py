@@ -8,7 +8,7 @@ that held the pseudo-query replaced by that vector, its lexical score computed o
 (longembed.search_lexical_score). The other documents keep their stored vectors and scores, from the same
 candidate pools a search uses (015_search.sql). Every candidate fusion -- each signal alone and reciprocal
 rank fusion (rrf_k 60) with weights 0, 0.5 or 1 per signal -- is scored by nDCG@10 of the targets; the best
-wins, and dense alone unless another beats it by more than MARGIN (simpler is safer on real queries).
+wins; near-ties (within MARGIN) go to the fewest signals for short documents, the most for long ones.
 
 Statistics decide where pseudo-queries cannot: with fewer than MIN_DOCUMENTS embedded documents, or fewer
 than MIN_QUERIES usable pseudo-queries, a collection whose documents fit the model's window (at most
@@ -40,7 +40,7 @@ POOL = 100  # candidates per signal, as 015_search.sql's pool
 MIN_DOCUMENTS = 20
 MIN_QUERIES = 10
 SHORT_CHUNKS = 1.5
-MARGIN = 0.01  # nDCG@10 a fusion must gain over dense alone to be chosen
+MARGIN = 0.01  # candidates this close (nDCG@10) to the best count as equal (see _pick)
 RRF_K = 60
 QUERY_WORDS = (3, 32)  # a pseudo-query has this many words at least / at most
 
@@ -75,8 +75,7 @@ def calibrate(
     else:
         ranks = _signal_ranks(conn, collection, samples, signals, embed_queries, embed_documents)
         scores = {_name(w): _ndcg(ranks, w) for w in _candidates(signals)}
-        best = max(scores, key=lambda name: scores[name])
-        pick = best if scores[best] > scores["dense=1"] + MARGIN else "dense=1"
+        pick = _pick(scores, short)
         chosen = _fusion(_parse(pick)) | {
             "basis": "pseudo-queries",
             "queries": len(samples),
@@ -88,6 +87,21 @@ def calibrate(
             "UPDATE longembed.collections SET auto_fusion = %s WHERE id = %s", (Jsonb(chosen), collection.id)
         )
     return chosen
+
+
+def _pick(scores: dict[str, float], short: bool) -> str:
+    """The best candidate, where candidates within MARGIN of it count as equal: then, for documents that
+    fit the window, the one with the fewest signals (dense alone first); for longer ones the one with the
+    most. Pseudo-queries are easier than real queries (a title still shares words with its page), so
+    near-ties are common, and for long documents a fusion is the safer bet (a signal that misses a page
+    is outvoted), for short ones dense alone (fusing a weaker signal in only adds noise)."""
+    best = max(scores.values())
+
+    def preference(name: str) -> tuple:
+        n_signals = len(name.split())
+        return (n_signals if short else -n_signals, name != "dense=1", -scores[name], name)
+
+    return min((name for name in scores if scores[name] >= best - MARGIN), key=preference)
 
 
 def _fusion(weights: dict[str, float]) -> dict[str, Any]:
