@@ -138,7 +138,7 @@ $$;
 --   dense    documents by their document vector (docvecs_<id>: the head, or all of a long-context
 --            model's window, or the mean of the chunks)
 --   chunks   documents by their best chunk: longembed.search_vector, unchanged
---   lexical  documents by BM25 over their text (longembed.search_lexical_pool)
+--   lexical  documents by Okapi BM25 over their text (longembed.search_lexical_pool: search_bm25)
 --   hybrid   any weighted combination of the three signals: reciprocal rank fusion,
 --            score = sum_s w_s / (rrf_k + rank_s) (rrf_k 60 by default), or weighted fusion of normalised
 --            scores, score = sum_s w_s * norm_s, each signal normalised over its own candidate pool by
@@ -190,30 +190,19 @@ BEGIN
 END;
 $$;
 
--- The lexical signal: (document_id, score), best first, embedded documents only. The one place that
--- names the lexical ranking function (with search_lexical_score below). A document matches when it has
--- any of the query's words (as BM25 ranks): websearch_to_tsquery ANDs them, and a sentence-long query
--- would then match almost nothing.
-CREATE OR REPLACE FUNCTION longembed.search_lexical_query(p_config regconfig, p_query text)
-RETURNS tsquery
-LANGUAGE sql IMMUTABLE STRICT
-BEGIN ATOMIC
-    SELECT coalesce(to_tsquery('simple', string_agg(quote_literal(lexeme), ' | ')), ''::tsquery)
-    FROM unnest(tsvector_to_array(to_tsvector(p_config, p_query))) AS lexeme;
-END;
-
+-- The lexical signal: (document_id, score), best first: Okapi BM25 (longembed.search_bm25,
+-- 012_bm25.sql), over embedded documents only (a queued one has no chunk to show yet).
 CREATE OR REPLACE FUNCTION longembed.search_lexical_pool(
     p_collection_id bigint, p_query text, p_n integer, p_filter jsonb DEFAULT NULL)
 RETURNS TABLE (document_id bigint, score double precision)
 LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT d.id, ts_rank_cd(d.tsv, q)::float8
-    FROM longembed.documents d, longembed.collections c,
-         longembed.search_lexical_query(c.text_search_config, p_query) q
-    WHERE c.id = p_collection_id AND d.collection_id = c.id AND d.tsv @@ q AND d.status = 'embedded'
-      AND (p_filter IS NULL OR d.metadata @> p_filter)
-    ORDER BY 2 DESC, d.external_id
-    LIMIT p_n;
+    SELECT b.document_id, b.score
+    FROM longembed.collections c,
+         longembed.search_bm25(c.name, p_query, least(p_n, 1000), p_filter) b
+         JOIN longembed.documents d ON d.id = b.document_id
+    WHERE c.id = p_collection_id AND d.status = 'embedded'
+    ORDER BY b.score DESC, b.external_id;
 END;
 
 -- The fusion options a call gets: {"weights": {...}, "fusion": ..., "rrf_k": ...}, checked; raises a
@@ -403,17 +392,27 @@ BEGIN
 END;
 $$;
 
--- The lexical score p_query would give p_text were it a document of the collection (what
--- longembed.search_lexical_pool ranks by): plugin/store/calibrate.py scores a document with its
--- pseudo-query taken out of it.
+-- The BM25 score p_query would give p_text were it a document of the collection (N, df and avgdl of the
+-- collection as they are; search_bm25's formula): plugin/store/calibrate.py scores a document with its
+-- pseudo-query taken out of it. NULL when no query term is in the text.
 CREATE OR REPLACE FUNCTION longembed.search_lexical_score(p_collection_id bigint, p_query text, p_text text)
 RETURNS double precision
 LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT CASE WHEN to_tsvector(c.text_search_config, p_text) @@ q
-                THEN ts_rank_cd(to_tsvector(c.text_search_config, p_text), q)::float8 END
-    FROM longembed.collections c, longembed.search_lexical_query(c.text_search_config, p_query) q
-    WHERE c.id = p_collection_id;
+    WITH c AS (SELECT * FROM longembed.collections WHERE id = p_collection_id),
+         stats AS (SELECT sum(s.n_documents)::float8 AS n, sum(s.total_length)::float8 AS total
+                   FROM longembed.bm25_collection_deltas s WHERE s.collection_id = p_collection_id),
+         doc AS (SELECT t.term, t.tf FROM c, longembed.bm25_terms(c.text_search_config, p_text) t),
+         q AS (SELECT DISTINCT unnest(tsvector_to_array(to_tsvector(c.text_search_config, p_query))) AS term
+               FROM c),
+         df AS (SELECT q.term, (SELECT count(*) FROM longembed.bm25_postings p
+                                WHERE p.collection_id = p_collection_id AND p.term = q.term)::float8 AS df
+                FROM q)
+    SELECT sum(ln(1 + (stats.n - df.df + 0.5) / (df.df + 0.5))
+               * doc.tf * (c.bm25_k1 + 1)
+               / (doc.tf + c.bm25_k1 * (1 - c.bm25_b + c.bm25_b * (SELECT sum(tf) FROM doc) * stats.n
+                                                         / nullif(stats.total, 0))))
+    FROM c, stats, df JOIN doc ON doc.term = df.term;
 END;
 
 -- Hybrid of the best chunk and the lexical ranking by reciprocal rank fusion, score = sum of
