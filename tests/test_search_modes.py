@@ -226,7 +226,9 @@ def test_each_single_mode_returns_its_own_signal(conn, model, corpus):
 
 @pytest.mark.parametrize("mode", ["dense", "chunks", "lexical", "hybrid", "auto"])
 def test_filters_apply_in_every_mode(conn, model, corpus, mode):
-    results = search(conn, "modes", "password reset and magma", 10, mode=mode, filter={"half": 1}, model=model)
+    results = search(
+        conn, "modes", "password reset and magma", 10, mode=mode, filter={"half": 1}, model=model
+    )
     assert results, mode
     assert all(r.metadata["half"] == 1 for r in results)
 
