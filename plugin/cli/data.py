@@ -503,6 +503,7 @@ def _embed_by_host(conn: psycopg.Connection, collection, host, started, progress
                 return None
             bar.update(max(0, remaining - now))
             remaining = now
+    worker.recalibrate()  # search mode auto's choice, before ingest returns
     truncated = conn.execute(
         sql.SQL(
             "SELECT count(DISTINCT c.document_id) FROM {} c "
@@ -562,6 +563,7 @@ def _embed_inline(conn: psycopg.Connection, collection, settings: dict, *, progr
             now = pending()
             bar.update(max(0, remaining - now))
             remaining = now
+    worker.recalibrate()  # search mode auto's choice, before ingest returns
     embedded_line = f"embedded into {collection.name}"
     if truncated:
         embedded_line += f"; {truncated} documents truncated at {model.info.max_tokens} tokens"
@@ -572,6 +574,19 @@ def _embed_inline(conn: psycopg.Connection, collection, settings: dict, *, progr
     else:
         print(embedded_line)
     return parked
+
+
+def _calibrate_if_due(conn: psycopg.Connection, name: str) -> None:
+    """Make search mode auto's choice for collection `name` now if it is due (a host's worker would make
+    it soon after; a command that searches next wants it made)."""
+    from longembed.plugin.models import get_model
+    from longembed.plugin.pipeline.worker import embedders
+    from longembed.plugin.store.calibrate import calibrate, due
+    from longembed.plugin.store.collections import get_collection
+
+    collection = get_collection(conn, name)
+    if due(conn, collection):
+        calibrate(conn, collection, *embedders(get_model(collection.model_source), collection))
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

@@ -180,7 +180,7 @@ class Worker:
         )
         stats.db_seconds += time.perf_counter() - t0
         if not items:
-            self._recalibrate(collections)
+            self.recalibrate(collections)
             return stats
         stats.batches = 1
         errors: dict[int, str] = {}
@@ -254,9 +254,10 @@ class Worker:
             retrying, parked = self._record_failures(errors)
         return written, retrying, parked
 
-    def _recalibrate(self, collections: dict[int, Collection]) -> None:
-        """With the queue drained: choose `auto`'s fusion again for collections that changed enough
-        (store/calibrate.py), with this worker's model."""
+    def recalibrate(self, collections: dict[int, Collection] | None = None) -> None:
+        """Choose `auto`'s fusion again for the collections this worker wrote to that changed enough
+        (store/calibrate.py), with this worker's model; run_once does it when the queue is drained."""
+        collections = self._collections() if collections is None else collections
         for collection_id in sorted(self._written & set(collections)):
             collection = collections[collection_id]
             try:
