@@ -503,7 +503,6 @@ def _embed_by_host(conn: psycopg.Connection, collection, host, started, progress
                 return None
             bar.update(max(0, remaining - now))
             remaining = now
-    worker.recalibrate()  # search mode auto's choice, before ingest returns
     truncated = conn.execute(
         sql.SQL(
             "SELECT count(DISTINCT c.document_id) FROM {} c "
@@ -563,6 +562,7 @@ def _embed_inline(conn: psycopg.Connection, collection, settings: dict, *, progr
             now = pending()
             bar.update(max(0, remaining - now))
             remaining = now
+    worker.recalibrate()  # search mode auto's choice, before ingest returns
     worker.recalibrate()  # search mode auto's choice, before ingest returns
     embedded_line = f"embedded into {collection.name}"
     if truncated:
