@@ -563,7 +563,6 @@ def _embed_inline(conn: psycopg.Connection, collection, settings: dict, *, progr
             bar.update(max(0, remaining - now))
             remaining = now
     worker.recalibrate()  # search mode auto's choice, before ingest returns
-    worker.recalibrate()  # search mode auto's choice, before ingest returns
     embedded_line = f"embedded into {collection.name}"
     if truncated:
         embedded_line += f"; {truncated} documents truncated at {model.info.max_tokens} tokens"
