@@ -183,7 +183,9 @@ BEGIN
         CASE WHEN p_filter IS NULL THEN ''
              ELSE 'JOIN longembed.documents fd ON fd.id = v.document_id AND fd.metadata @> $4' END)
     USING p_query, p_n, c.distance, p_filter;
-    PERFORM set_config('hnsw.ef_search', v_old_ef, true);
+    IF v_old_ef IS NOT NULL THEN
+        PERFORM set_config('hnsw.ef_search', v_old_ef, true);
+    END IF;
     IF v_old_iter IS NOT NULL THEN
         PERFORM set_config('hnsw.iterative_scan', v_old_iter, true);
     END IF;
