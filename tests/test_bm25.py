@@ -529,7 +529,7 @@ def test_version_3_database_gets_its_statistics_on_upgrade(pg_dsn, tmp_path, mon
         for ext, text in CORPUS.items():
             c.execute("SELECT longembed.upsert_document(%s, %s, %s)", (cid, ext, text))
         report = migrate(c)
-        assert report.applied == ["0004_bm25.sql"]
+        assert report.applied[0] == "0004_bm25.sql"  # later versions follow
         assert_exact(c, cid)
         assert (get_collection(c, "old").bm25_k1, get_collection(c, "old").bm25_b) == (1.2, 0.75)
         docs = {ext: lexemes(c, text) for ext, text in CORPUS.items()}
