@@ -328,10 +328,17 @@ def test_calibration_on_pseudo_queries_scores_every_candidate(conn, model):
     chosen = calibrate(conn, collection, *embedders(model, collection))
     assert chosen["basis"] == "pseudo-queries" and chosen["queries"] == len(docs)
     assert "chunks=1" not in chosen["scores"]  # one chunk per document: the chunk signal is the dense one
-    assert set(chosen["scores"]) >= {"dense=1", "lexical=1", "dense=1 lexical=1"}
+    assert set(chosen["scores"]) >= {
+        "dense=1",
+        "lexical=1",
+        "rrf dense=1 lexical=1",
+        "minmax dense=1 lexical=0.5",
+    }
     assert all(0 <= s <= 1 for s in chosen["scores"].values())
     best = max(chosen["scores"].values())
-    assert chosen["scores"][" ".join(f"{k}={v:g}" for k, v in chosen["weights"].items())] >= best - 0.01
+    pairs = " ".join(f"{k}={v:g}" for k, v in chosen["weights"].items())
+    name = pairs if chosen["fusion"] == "raw" else f"{chosen['fusion']} {pairs}"
+    assert chosen["scores"][name] >= best - 0.01
     assert get_collection(conn, "calib").auto_fusion == chosen
 
 

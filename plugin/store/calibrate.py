@@ -6,9 +6,10 @@ their own documents. Taken verbatim they would find themselves by exact match, s
 scored with its pseudo-query cut out: its document vector re-embedded from the remaining text, its chunks
 that held the pseudo-query replaced by that vector, its lexical score computed on the remaining text
 (longembed.search_lexical_score). The other documents keep their stored vectors and scores, from the same
-candidate pools a search uses (015_search.sql). Every candidate fusion -- each signal alone and reciprocal
-rank fusion (rrf_k 60) with weights 0, 0.5 or 1 per signal -- is scored by nDCG@10 of the targets; the best
-wins; near-ties (within MARGIN) go to the fewest signals for short documents, the most for long ones.
+candidate pools a search uses (015_search.sql). Every candidate -- each signal alone, and weights 0, 0.5
+or 1 per signal fused by reciprocal rank fusion (rrf_k 60) and by min-max normalised scores -- is scored
+by nDCG@10 of the targets; the best wins; near-ties (within MARGIN) go to the fewest signals for short
+documents, the most for long ones.
 
 Statistics decide where pseudo-queries cannot: with fewer than MIN_DOCUMENTS embedded documents, or fewer
 than MIN_QUERIES usable pseudo-queries, a collection whose documents fit the model's window (at most
@@ -71,12 +72,12 @@ def calibrate(
     samples = _pseudo_queries(conn, collection) if stats["documents"] >= MIN_DOCUMENTS else []
     if len(samples) < MIN_QUERIES:
         weights = {"dense": 1} if short else {"dense": 1, "chunks": 1, "lexical": 1}
-        chosen = _fusion(weights) | {"basis": "statistics", "scores": {}}
+        chosen = _fusion(weights, "rrf") | {"basis": "statistics", "scores": {}}
     else:
         ranks = _signal_ranks(conn, collection, samples, signals, embed_queries, embed_documents)
-        scores = {_name(w): _ndcg(ranks, w) for w in _candidates(signals)}
+        scores = {_name(w, f): _ndcg(ranks, w, f) for w, f in _candidates(signals)}
         pick = _pick(scores, short)
-        chosen = _fusion(_parse(pick)) | {
+        chosen = _fusion(*_parse(pick)) | {
             "basis": "pseudo-queries",
             "queries": len(samples),
             "scores": scores,
@@ -98,15 +99,17 @@ def _pick(scores: dict[str, float], short: bool) -> str:
     best = max(scores.values())
 
     def preference(name: str) -> tuple:
-        n_signals = len(name.split())
+        n_signals = name.count("=")
         return (n_signals if short else -n_signals, name != "dense=1", -scores[name], name)
 
     return min((name for name in scores if scores[name] >= best - MARGIN), key=preference)
 
 
-def _fusion(weights: dict[str, float]) -> dict[str, Any]:
+def _fusion(weights: dict[str, float], fusion: str) -> dict[str, Any]:
     if len(weights) == 1:
         return {"weights": weights, "fusion": "raw"}
+    if fusion == "minmax":
+        return {"weights": weights, "fusion": "minmax"}
     return {"weights": weights, "fusion": "rrf", "rrf_k": RRF_K}
 
 
@@ -162,14 +165,14 @@ def _signal_ranks(
     signals: Sequence[str],
     embed_queries: Embed,
     embed_documents: Embed,
-) -> list[tuple[str, dict[str, list[str]]]]:
-    """Per pseudo-query its target and, per signal: the ranked external ids of the pool with the target
-    at the place its pseudo-query-free version earns (absent when it would not make the pool)."""
+) -> list[tuple[str, dict[str, list[tuple[str, float]]]]]:
+    """Per pseudo-query its target and, per signal: the pool's (external id, score), best first, with the
+    target at the place its pseudo-query-free version earns (absent when it would not make the pool)."""
     queries = embed_queries([q for _, _, q, _ in samples])
     heads = embed_documents([rest for _, _, _, rest in samples])
     out = []
     for (doc_id, external_id, query, rest), qv, head in zip(samples, queries, heads, strict=True):
-        ranked: dict[str, list[str]] = {}
+        ranked: dict[str, list[tuple[str, float]]] = {}
         for signal in signals:
             pool = _pool(conn, collection, signal, query, qv)
             pool = [(eid, score) for eid, score in pool if eid != external_id]
@@ -234,43 +237,58 @@ def _similarity(distance: str, query: np.ndarray, vectors: np.ndarray) -> np.nda
     return dots
 
 
-def _insert(pool: list[tuple[str, float]], external_id: str, score: float | None) -> list[str]:
-    ranked = [eid for eid, _ in pool]
+def _insert(pool: list[tuple[str, float]], external_id: str, score: float | None) -> list[tuple[str, float]]:
     if score is None:
-        return ranked
+        return pool
     position = sum(1 for _, other in pool if other > score)
     if position >= POOL:
-        return ranked
-    return [*ranked[:position], external_id, *ranked[position:]]
+        return pool
+    return [*pool[:position], (external_id, score), *pool[position:]]
 
 
-def _candidates(signals: Sequence[str]) -> list[dict[str, float]]:
+def _candidates(signals: Sequence[str]) -> list[tuple[dict[str, float], str]]:
+    """Each signal alone, and every mix of weights 0, 0.5, 1 fused by rrf and by minmax."""
     out = []
     for values in itertools.product((0, 0.5, 1), repeat=len(signals)):
         weights = {s: w for s, w in zip(signals, values, strict=True) if w > 0}
-        if weights and (len(weights) > 1 or values.count(1) == 1):
-            out.append(weights)
+        if len(weights) > 1:
+            out += [(weights, "rrf"), (weights, "minmax")]
+        elif weights and values.count(1) == 1:
+            out.append((weights, "raw"))
     return out
 
 
-def _name(weights: dict[str, float]) -> str:
-    return " ".join(f"{s}={w:g}" for s, w in weights.items())
+def _name(weights: dict[str, float], fusion: str) -> str:
+    """`dense=1` for a signal alone, `rrf dense=1 lexical=0.5` for a fusion."""
+    pairs = " ".join(f"{s}={w:g}" for s, w in weights.items())
+    return pairs if fusion == "raw" else f"{fusion} {pairs}"
 
 
-def _parse(name: str) -> dict[str, float]:
-    pairs = (part.split("=") for part in name.split())
-    return {signal: (int(w) if float(w).is_integer() else float(w)) for signal, w in pairs}
+def _parse(name: str) -> tuple[dict[str, float], str]:
+    parts = name.split()
+    fusion = parts.pop(0) if "=" not in parts[0] else "raw"
+    pairs = (part.split("=") for part in parts)
+    return {signal: (int(w) if float(w).is_integer() else float(w)) for signal, w in pairs}, fusion
 
 
-def _ndcg(ranks: list[tuple[str, dict[str, list[str]]]], weights: dict[str, float]) -> float:
-    """Mean nDCG@10 of the targets (one relevant document each) under rrf with `weights` (the same order
-    as the signal alone where there is one)."""
+def _ndcg(
+    ranks: list[tuple[str, dict[str, list[tuple[str, float]]]]], weights: dict[str, float], fusion: str
+) -> float:
+    """Mean nDCG@10 of the targets (one relevant document each) under `fusion` with `weights`, as
+    longembed.search_modes fuses (rrf; minmax, where a document missing from a pool counts 0; a signal
+    alone ranks by its score: rrf gives that order)."""
     total = 0.0
     for target, ranked in ranks:
         fused: dict[str, float] = {}
         for signal, weight in weights.items():
-            for rank, eid in enumerate(ranked[signal], start=1):
-                fused[eid] = fused.get(eid, 0.0) + weight / (RRF_K + rank)
+            pool = ranked[signal]
+            lo, hi = (min(s for _, s in pool), max(s for _, s in pool)) if pool else (0.0, 0.0)
+            for rank, (eid, score) in enumerate(pool, start=1):
+                if fusion == "minmax":
+                    value = (score - lo) / (hi - lo) if hi > lo else 1.0
+                else:
+                    value = 1 / (RRF_K + rank)
+                fused[eid] = fused.get(eid, 0.0) + weight * value
         if target not in fused:
             continue
         position = 1 + sum(
