@@ -62,6 +62,16 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class DocumentVectors:
+    """A document's chunks and its head vector (`EmbeddingModel.embed_documents`)."""
+
+    chunks: list[Chunk]
+    head: np.ndarray = field(repr=False)  # what `full` mode gives: the model's first window of the text
+    head_tokens: int  # content tokens in that window
+    head_truncated: bool  # the text did not fit in it
+
+
+@dataclass(frozen=True)
 class Plan:
     """Texts laid out as model sequences (`EmbeddingModel.prepare`): run the sequences anywhere, then
     `assemble` their vectors into chunks."""
@@ -70,6 +80,9 @@ class Plan:
     layout: list[list[tuple[int, int, int, bool]]]  # per text, per chunk: (start, end, n_tokens, truncated)
     n_out: int
     n_tokens: list[int]  # per text: tokens fed to the model, [CLS], [SEP] and prefix included
+    # With `prepare(head=True)`, per text: the output row of its head vector (what `full` mode gives:
+    # the first window of the model, the whole text for an 8192-token model) and whether it was cut.
+    heads: list[tuple[int, int, bool]] = field(default_factory=list)  # (row, content tokens, truncated)
 
     def assemble(self, vectors: np.ndarray) -> list[list[Chunk]]:
         """Per text, its chunks in order, from the (n_out, dim) vectors of `sequences`."""
@@ -81,6 +94,18 @@ class Plan:
                 k += 1
             result.append(doc)
         return result
+
+    def head_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """(n_texts, dim): each text's head vector, from the (n_out, dim) vectors of `sequences`."""
+        return vectors[[row for row, _, _ in self.heads]]
+
+    def documents(self, vectors: np.ndarray) -> list[DocumentVectors]:
+        """Per text its chunks and head vector (a plan made with `head=True`)."""
+        heads = self.head_vectors(vectors)
+        return [
+            DocumentVectors(chunks, heads[i], *self.heads[i][1:])
+            for i, chunks in enumerate(self.assemble(vectors))
+        ]
 
 
 class EmbeddingModel:
@@ -160,6 +185,27 @@ class EmbeddingModel:
             rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
         return plan.assemble(rows)
 
+    def embed_documents(
+        self,
+        texts: Seq[str],
+        mode: str = "chunk",
+        chunk_tokens: int | None = None,
+        overlap: int = 32,
+        kind: str = "document",
+        instruction: str | None = None,
+        batch_tokens: int | None = None,
+        progress: bool = False,
+        dimensions: int | None = None,
+    ) -> list[DocumentVectors]:
+        """`embed_chunks` plus each text's head vector (== `embed` of the text), in one batched run:
+        a chunk that is the head is not embedded twice (see `prepare(head=True)`)."""
+        check_dimensions(dimensions, self.info.dim, self.info.matryoshka_dims, self.info.name)
+        plan = self.prepare(texts, mode, chunk_tokens, overlap, kind, instruction, head=True)
+        rows = self.run_sequences(plan.sequences, plan.n_out, batch_tokens, progress)
+        if dimensions is not None and dimensions != self.info.dim:
+            rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
+        return plan.documents(rows)
+
     def prepare(
         self,
         texts: Seq[str],
@@ -168,8 +214,14 @@ class EmbeddingModel:
         overlap: int = 32,
         kind: str = "document",
         instruction: str | None = None,
+        head: bool = False,
     ) -> Plan:
-        """Tokenise and lay out `texts` as model sequences (no model call; safe from any thread)."""
+        """Tokenise and lay out `texts` as model sequences (no model call; safe from any thread).
+
+        `head`: also lay out each text's head vector (`Plan.heads`), the vector `full` mode gives. It
+        costs nothing where a chunk already is that sequence (full mode; chunk mode when the first
+        window is the whole head) or one more pooled span of the first pass (late mode); otherwise one
+        more sequence of the head's tokens, batched with the chunks."""
         texts = _check_texts(texts)
         check_mode(mode, self.info.pooling, self.info.name)
         prefix = self._prefix(kind, instruction)
@@ -189,10 +241,16 @@ class EmbeddingModel:
         layout: list[list[tuple[int, int, int, bool]]] = []  # per text: (start, end, n_tokens, truncated)
         fed: list[int] = []  # per text: tokens of its sequences, [CLS], [SEP] and prefix included
         n_out = 0
+        # Head vectors get the output rows after every chunk's (Plan.assemble reads chunks in order):
+        # (text index, the late pass to pool once more / the head's own sequence), rows filled in below.
+        heads: list[tuple[int, int, bool]] = []
+        late_heads: list[tuple[int, Sequence]] = []
+        own_heads: list[tuple[int, Sequence]] = []
         for text, enc in zip(texts, encodings, strict=True):
             ids, offsets = enc.ids, enc.offsets
             spans: list[tuple[int, int, int, bool]] = []
             first = len(sequences)
+            first_out = n_out
             if mode == "full":
                 kept = min(len(ids), room)
                 start, end = (0, len(text)) if kept == len(ids) else (0, offsets[kept - 1][1])
@@ -214,9 +272,30 @@ class EmbeddingModel:
                         a_abs, b_abs = block_start + a, block_start + b
                         spans.append((*char_span(offsets, a_abs, b_abs, len(text)), b - a, False))
                     n_out += len(local)
+            if head:
+                kept = min(len(ids), room)
+                if mode == "full" or (mode == "chunk" and spans[0][2] == kept):
+                    heads.append((first_out, kept, kept < len(ids)))  # the first chunk is the head itself
+                else:  # row filled in below
+                    heads.append((-1, kept, kept < len(ids)))
+                    if mode == "late":  # the first pass is the head's tokens: pool all of it once more
+                        late_heads.append((len(heads) - 1, sequences[first]))
+                    else:
+                        own_heads.append((len(heads) - 1, self._sequence(prefix, ids[:kept], None, [])))
             layout.append(spans)
             fed.append(sum(len(s.ids) for s in sequences[first:]))
-        return Plan(sequences, layout, n_out, fed)
+        for i, seq in late_heads:
+            seq.pool_spans.append((0, len(seq.ids)))
+            seq.outputs.append(n_out)
+            heads[i] = (n_out, *heads[i][1:])
+            n_out += 1
+        for i, seq in own_heads:
+            seq.outputs.append(n_out)
+            sequences.append(seq)
+            fed[i] += len(seq.ids)
+            heads[i] = (n_out, *heads[i][1:])
+            n_out += 1
+        return Plan(sequences, layout, n_out, fed, heads)
 
     @torch.inference_mode()
     def run_sequences(

@@ -78,14 +78,14 @@ def test_eval_scores_an_easy_set_perfectly_and_python_equals_sql(beir, dsn, tmp_
     assert result["dataset"]["format"] == "beir" and result["dataset"]["manifest"]["name"] == "tiny"
     assert result["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert result["collection"]["chunk_tokens"] == 64
-    assert set(result["modes"]) == {"vector", "hybrid"}
+    assert set(result["modes"]) == {"dense", "chunks", "lexical", "hybrid", "auto"}
     for scores in result["modes"].values():
         for metric in ("ndcg@10", "recall@10", "mrr@10"):
             assert 0.0 <= scores[metric] <= 1.0
         assert 0 < scores["latency_ms"]["p50"] <= scores["latency_ms"]["p99"]
         assert scores["queries"] == len(EASY)
-    assert result["modes"]["vector"]["ndcg@10"] == pytest.approx(1.0)
-    assert result["modes"]["vector"]["mrr@10"] == pytest.approx(1.0)
+    assert result["modes"]["dense"]["ndcg@10"] == pytest.approx(1.0)
+    assert result["modes"]["dense"]["mrr@10"] == pytest.approx(1.0)
     assert _scratch_collections(dsn) == []  # dropped afterwards
 
     sql = _eval(tmp_path, dsn, str(beir), "--json", "--via", "sql", "--keep")
@@ -116,7 +116,7 @@ def test_eval_table_on_a_jsonl_dataset_with_bad_lines(dsn, tmp_path):
     data.write_text("\n".join(lines) + "\n")
     first_bad = len(DOCS) + 2 * len(EASY) + 1
 
-    done = _eval(tmp_path, dsn, str(data), "--search-modes", "vector")
+    done = _eval(tmp_path, dsn, str(data), "--search-modes", "dense")
     assert done.returncode == errors.FAILURE, done.stderr  # lines were skipped: a partial run, as ingest
     err = done.stderr
     assert f"skipped {data}:{first_bad}: not valid JSON" in err
@@ -129,7 +129,7 @@ def test_eval_table_on_a_jsonl_dataset_with_bad_lines(dsn, tmp_path):
     assert f"{data}: {len(DOCS)} documents, {len(EASY)} queries" in table[0]
     assert table[1].split()[:2] == ["mode", "nDCG@10"] and len(table) == 3
     row = table[2].split()
-    assert row[0] == "vector" and float(row[1]) == pytest.approx(1.0, abs=5e-5) and row[-1] == str(len(EASY))
+    assert row[0] == "dense" and float(row[1]) == pytest.approx(1.0, abs=5e-5) and row[-1] == str(len(EASY))
     assert _scratch_collections(dsn) == []
 
 
@@ -144,6 +144,6 @@ def test_eval_refuses_unusable_input(dsn, tmp_path, beir):
     assert empty.returncode == errors.USAGE and "no documents" in empty.stderr
     huge = _eval(tmp_path, dsn, str(beir), "-k", "100000")
     assert huge.returncode == errors.USAGE and "at most 1000" in huge.stderr
-    mode = _eval(tmp_path, dsn, str(beir), "--search-modes", "vector,bogus")
+    mode = _eval(tmp_path, dsn, str(beir), "--search-modes", "dense,bogus")
     assert mode.returncode == errors.USAGE and "choose from" in mode.stderr
     assert _scratch_collections(dsn) == []

@@ -26,7 +26,7 @@ from longembed.plugin.service.ann import CollectionIndex, label_of
 from longembed.plugin.service.fastpath import HNSWLIB, PGVECTOR, FastPath
 from longembed.plugin.service.host import HostConfig
 from longembed.plugin.service.metrics import IndexStaleness, Metrics
-from longembed.plugin.store.collections import create_collection, get_collection
+from longembed.plugin.store.collections import create_collection, drop_collection, get_collection
 from longembed.plugin.store.documents import Document, add_documents, delete_documents
 from longembed.plugin.store.search import search, search_by_vector
 from tests.hostutil import running_host
@@ -60,7 +60,9 @@ def _collection(dsn: str, name: str, n_docs: int, seed: int, distance: str = "co
     """A collection of n_docs documents with 1-3 random chunks each, written by direct SQL."""
     rng = np.random.default_rng(seed)
     with connect(dsn) as conn:
-        c = create_collection(conn, name, Dims16(), chunk_tokens=64, overlap=0, distance=distance)
+        c = create_collection(
+            conn, name, Dims16(), chunk_tokens=64, overlap=0, distance=distance, search_mode="chunks"
+        )
         docs = [Document(f"d{i}", f"text of document {i}", {"parity": i % 2, "i": i}) for i in range(n_docs)]
         add_documents(conn, c, docs)
         ids = dict(
@@ -265,6 +267,32 @@ def test_no_log_without_a_consumer(dsn):
     assert n == 0
 
 
+def test_dropping_a_collection_forgets_its_change_log(dsn):
+    collection = _collection(dsn, "dropped", 5, seed=6)
+    source = f"chunks_{collection.id}"
+    with connect(dsn) as conn:
+        conn.execute("SELECT longembed.register_vector_consumer(%s, 'gone-host')", (source,))
+        conn.execute(
+            sql.SQL("UPDATE {} SET embedding = embedding").format(collection.chunk_table)
+        )  # logged: a consumer follows the table
+        conn.commit()
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM longembed.vector_changes WHERE source = %s", (source,)
+            ).fetchone()[0]
+            > 0
+        )
+        assert drop_collection(conn, "dropped")
+        conn.commit()
+        left = conn.execute(
+            "SELECT (SELECT count(*) FROM longembed.vector_changes WHERE source = %(s)s)"
+            " + (SELECT count(*) FROM longembed.vector_consumers WHERE source = %(s)s)"
+            " + (SELECT count(*) FROM longembed.vector_pruned WHERE source = %(s)s)",
+            {"s": source},
+        ).fetchone()[0]
+    assert left == 0
+
+
 def _exact(conn, collection, query: np.ndarray, k: int, parity: int | None = None) -> list[tuple[str, float]]:
     rows = conn.execute(
         sql.SQL(
@@ -325,7 +353,7 @@ def test_http_search_through_the_index_during_and_after_a_build(dsn, tmp_path):
     hnswlib, with the same rows as SQL search."""
     model = get_model()
     with connect(dsn) as conn:
-        collection = create_collection(conn, "notes", model, chunk_tokens=64, overlap=8)
+        collection = create_collection(conn, "notes", model, chunk_tokens=64, overlap=8, search_mode="chunks")
         add_documents(conn, "notes", [Document(k, t, {"topic": k}) for k, t in MINI.items()])
         assert Worker(conn, model).drain().embedded == len(MINI)
     config = HostConfig(dsn=dsn, worker=False, hnsw=("notes",), hnsw_dir=str(tmp_path / "idx"))
@@ -380,6 +408,9 @@ def test_http_search_through_the_index_during_and_after_a_build(dsn, tmp_path):
             )
             hybrid = post(host, query="bread", hybrid=True)
             assert hybrid["index"] == PGVECTOR  # hybrid fusion lives in SQL
+            # hnswlib mirrors the chunk vectors: a search by document vector is pgvector's
+            dense = post(host, query="bread", mode="dense")
+            assert dense["index"] == PGVECTOR and dense["data"][0]["external_id"] == "sourdough"
 
             metrics = httpx.get(f"{host.url}/metrics", timeout=30).text
             assert 'longembed_hnsw_ready{collection="notes"} 1.0' in metrics
@@ -403,7 +434,7 @@ def test_http_search_through_the_index_during_and_after_a_build(dsn, tmp_path):
 def test_bad_vector_queries_get_a_clear_400(dsn, tmp_path, body, message):
     with connect(dsn) as conn:
         if get_collection(conn, "vecs", missing_ok=True) is None:
-            create_collection(conn, "vecs", Dims16(), chunk_tokens=64, overlap=0)
+            create_collection(conn, "vecs", Dims16(), chunk_tokens=64, overlap=0, search_mode="chunks")
     with running_host(HostConfig(dsn=dsn, worker=False)) as host:
         r = httpx.post(f"{host.url}/v1/search", json={"collection": "vecs", **body}, timeout=60)
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text

@@ -112,7 +112,7 @@ def corpus(conn, model):
 
 def test_round_trip_ranks_the_right_document_first(conn, model, corpus):
     for query, expected in QUERIES.items():
-        results = search(conn, "corpus", query, k=5)
+        results = search(conn, "corpus", query, k=5, mode="chunks")
         ranked = [r.external_id for r in results]
         assert ranked[0] == expected, (query, ranked)
         assert len(results) == 5
@@ -190,12 +190,13 @@ def test_metadata_filter_and_hostile_values(conn, corpus):
 def test_hybrid_fuses_text_and_vector_rankings(conn, corpus):
     results = search(conn, "corpus", "Sicilian Defence", k=5, hybrid=True)
     assert results[0].external_id == "chess"
-    assert results[0].score == pytest.approx(2 / 61)  # first in both rankings: 1/(60+1) twice
-    assert all(r.score <= 2 / 61 for r in results)
+    # first in all three rankings (document vector, best chunk, BM25): 1/(60+1) three times
+    assert results[0].score == pytest.approx(3 / 61)
+    assert all(r.score <= 3 / 61 for r in results)
     # A word only the lexical side can pin down still brings its document up, with its best chunk.
     hits = {r.external_id: r for r in search(conn, "corpus", "sulphur", k=10, hybrid=True)}
     assert "volcano" in hits and hits["volcano"].char_end > hits["volcano"].char_start
-    with pytest.raises(ValueError, match="hybrid search needs a text query"):
+    with pytest.raises(ValueError, match="'hybrid' needs a text query"):
         search(conn, "corpus", np.zeros(384, dtype=np.float32), hybrid=True)
 
 
@@ -396,4 +397,6 @@ def test_sql_search_functions_refuse_bad_arguments_clearly(conn, corpus):
     rows = conn.execute(
         "SELECT external_id, score FROM longembed.search_vector('corpus', %s, 3)", (q,)
     ).fetchall()
-    assert [(r.external_id, pytest.approx(r.score)) for r in search(conn, "corpus", q, k=3)] == rows
+    assert [
+        (r.external_id, pytest.approx(r.score)) for r in search(conn, "corpus", q, k=3, mode="chunks")
+    ] == rows

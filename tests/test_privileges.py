@@ -211,7 +211,18 @@ def test_writer_ingests_and_manages_collections_but_not_the_owners_objects(owner
                 "SELECT id, 0, 0, 5, 2, '[0,1,0,0]' FROM longembed.documents WHERE external_id = 'w1'"
             ).format(collection.chunk_table)
         )
-        assert [r.external_id for r in search(conn, collection, [0.0, 1.0, 0.0, 0.0], k=2)] == ["w1"]
+        assert [
+            r.external_id for r in search(conn, collection, [0.0, 1.0, 0.0, 0.0], k=2, mode="chunks")
+        ] == ["w1"]
+        conn.execute(  # the document vector table is the writer's to fill too
+            sql.SQL(
+                "INSERT INTO {} (document_id, n_tokens, embedding) "
+                "SELECT id, 2, '[0,1,0,0]' FROM longembed.documents WHERE external_id = 'w1'"
+            ).format(collection.document_table)
+        )
+        assert [r.external_id for r in search(conn, collection, [0.0, 1.0, 0.0, 0.0], k=2, mode="dense")] == [
+            "w1"
+        ]
         owner = conn.execute(
             "SELECT tableowner FROM pg_tables WHERE schemaname = 'longembed' AND tablename = %s",
             (f"chunks_{collection.id}",),
@@ -356,10 +367,13 @@ def test_app_role_is_what_dsn_gives_and_runs_ingest_and_search(tmp_path, monkeyp
                 "SELECT external_id FROM longembed.search('notes', 'tea and hot water', 1)"
             )
             assert sql_hit.fetchall() == [(hit["external_id"],)]
-        # `up --hnsw notes`: the host, as the app role, follows the collection made after it started.
+        # `up --hnsw notes`: the host, as the app role, follows the collection made after it started
+        # (hnswlib mirrors chunk vectors: mode chunks).
         deadline = time.monotonic() + 60
         while True:
-            status, body = host_of(server).post("/v1/search", {"collection": "notes", "query": "tea", "k": 1})
+            status, body = host_of(server).post(
+                "/v1/search", {"collection": "notes", "query": "tea", "k": 1, "mode": "chunks"}
+            )
             assert status == 200, body
             if body["index"] == "hnswlib" or time.monotonic() > deadline:
                 break

@@ -92,7 +92,7 @@ def test_search_keeps_the_index_on_prepared_statements(setup):
         conn.execute("SET plan_cache_mode = force_generic_plan")
         plans = _plans_of_executions(conn)
         for i in range(8):
-            results = search(conn, collection, vectors[i], k=10)
+            results = search(conn, collection, vectors[i], k=10, mode="chunks")
             assert results[0].external_id == f"d{i + 1}"  # its own vector is the nearest
         scans = _chunk_scans(plans, table)
         assert len(scans) == 8
@@ -100,7 +100,7 @@ def test_search_keeps_the_index_on_prepared_statements(setup):
         # The caller's side really was prepared and generic-planned: the index came from inside.
         prepared = conn.execute(
             "SELECT generic_plans FROM pg_prepared_statements "
-            "WHERE statement LIKE 'SELECT * FROM longembed.search_vector(%'"
+            "WHERE statement LIKE 'SELECT * FROM longembed.search_modes(%'"
         ).fetchall()
         assert prepared and all(generic >= 8 for (generic,) in prepared), prepared
 
@@ -135,7 +135,7 @@ def test_filtered_search_walks_the_index(setup):
         # fetching and sorting every passing document (which it picks for a rare filter).
         conn.execute("ANALYZE longembed.documents")
         plans = _plans_of_executions(conn)
-        results = search(conn, collection, vectors[0], k=10, filter={"even": True})
+        results = search(conn, collection, vectors[0], k=10, filter={"even": True}, mode="chunks")
         assert len(results) == 10
         assert all(r.metadata == {"even": True} for r in results)
         scans = _chunk_scans(plans, table)

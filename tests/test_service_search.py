@@ -6,14 +6,15 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+from psycopg.types.json import Jsonb
 
 from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
 from longembed.plugin.pipeline.worker import Worker
 from longembed.plugin.service.host import HostConfig
-from longembed.plugin.store.collections import create_collection
+from longembed.plugin.store.collections import create_collection, get_collection
 from longembed.plugin.store.documents import Document, add_documents
-from longembed.plugin.store.search import search
+from longembed.plugin.store.search import embed_query, search
 from tests.hostutil import running_host
 from tests.pgdb import migrated_database
 
@@ -99,6 +100,13 @@ def test_filter_hybrid_and_ef_search(host):
         ({"collection": "notes", "query": "q", "filter": [1, 2]}, 400, "filter"),
         ({"collection": "notes", "query": "q", "hybrid": "yes"}, 400, "hybrid"),
         ({"collection": "notes", "query": "q", "ef_search": 5000}, 400, None),
+        ({"collection": "notes", "query": "q", "mode": 3}, 400, "mode"),
+        ({"collection": "notes", "query": "q", "mode": "semantic"}, 400, None),
+        ({"collection": "notes", "query": "q", "mode": "dense", "hybrid": True}, 400, "mode"),
+        ({"collection": "notes", "query": "q", "mode": "hybrid", "weights": {"dense": -1}}, 400, None),
+        ({"collection": "notes", "query": "q", "mode": "hybrid", "weights": [1]}, 400, "weights"),
+        ({"collection": "notes", "query": "q", "mode": "hybrid", "fusion": "max"}, 400, None),
+        ({"collection": "notes", "query": "q", "mode": "hybrid", "rrf_k": "60"}, 400, "rrf_k"),
         ({"collection": "notes'; DROP TABLE longembed.collections; --", "query": "q"}, 404, "collection"),
     ],
 )
@@ -109,6 +117,38 @@ def test_bad_requests_get_openai_shaped_errors(host, body, status, param):
     assert error["message"] and "Traceback" not in error["message"]
     if param:
         assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mode": "dense"},
+        {"mode": "chunks"},
+        {"mode": "lexical"},
+        {"mode": "auto"},
+        {"mode": "hybrid", "weights": {"dense": 1, "lexical": 0.5}, "fusion": "zscore"},
+        {"mode": "hybrid", "rrf_k": 5},
+    ],
+)
+def test_every_search_mode_over_http_equals_python_and_sql(host, dsn, options):
+    query = "wild yeast for baking bread"
+    r = _search(host, {"collection": "notes", "query": query, "k": 3, **options})
+    assert r.status_code == 200, r.text
+    with connect(dsn) as conn:
+        python = search(conn, "notes", query, k=3, **options)
+        vector = embed_query(get_collection(conn, "notes"), query)
+        sql_rows = conn.execute(
+            "SELECT external_id, score FROM longembed.search_modes("
+            "'notes', %s, %s, 3, NULL, NULL, %s, %s, %s, %s)",
+            (query, vector, options["mode"], options.get("weights") and Jsonb(options["weights"]),
+             options.get("fusion"), options.get("rrf_k")),
+        ).fetchall()  # fmt: skip
+    data = r.json()["data"]
+    assert [row["external_id"] for row in data] == [hit.external_id for hit in python]
+    assert [row[0] for row in sql_rows] == [hit.external_id for hit in python]
+    np.testing.assert_allclose([row["score"] for row in data], [hit.score for hit in python], atol=1e-5)
+    np.testing.assert_allclose([row[1] for row in sql_rows], [hit.score for hit in python], atol=1e-5)
+    assert data[0]["external_id"] == "sourdough"
 
 
 def test_key_required_and_malformed_json(host):

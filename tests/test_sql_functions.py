@@ -8,6 +8,7 @@ are compared with the same model run here in Python.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -326,6 +327,46 @@ def test_sql_search_equals_python_search(conn, model, collection):
         "SELECT external_id FROM search(%s, %s, 2, hybrid => true)", (collection, "Sicilian Defence")
     ).fetchall()
     assert hybrid[0] == ("chess",)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mode": "dense"},
+        {"mode": "chunks"},
+        {"mode": "lexical"},
+        {"mode": "auto"},
+        {"mode": "hybrid", "weights": {"dense": 1, "chunks": 0.5, "lexical": 1}, "fusion": "minmax"},
+        {"mode": "hybrid", "rrf_k": 10},
+    ],
+)
+def test_sql_search_modes_equal_python(conn, model, collection, options):
+    query = "wild yeast for baking bread"
+    python = search(conn, collection, query, k=3, **options)
+    rows = conn.execute(
+        "SELECT * FROM search(%s, %s, 3, mode => %s, weights => %s::jsonb, fusion => %s, rrf_k => %s)",
+        (collection, query, options["mode"], json.dumps(options["weights"]) if "weights" in options else None,
+         options.get("fusion"), options.get("rrf_k")),
+    ).fetchall()  # fmt: skip
+    assert [r[0] for r in rows] == [r.external_id for r in python]
+    assert rows[0][0] == "sourdough"
+    np.testing.assert_allclose([r[1] for r in rows], [r.score for r in python], atol=1e-5)
+    assert [tuple(r[2:5]) for r in rows] == [(r.chunk_ordinal, r.char_start, r.char_end) for r in python]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ("mode => 'semantic'", "unknown search mode 'semantic'"),
+        ("mode => 'hybrid', weights => '{\"bm25\": 1}'", "unknown signal 'bm25'"),
+        ("mode => 'hybrid', fusion => 'max'", "unknown fusion 'max'"),
+        ("mode => 'dense', rrf_k => 5", "apply to mode hybrid"),
+        ("hybrid => true, mode => 'dense'", "hybrid => true is mode hybrid"),
+    ],
+)
+def test_sql_search_modes_bad_input(conn, collection, arguments, message):
+    with pytest.raises(errors.InvalidParameterValue, match=message):
+        conn.execute(f"SELECT * FROM search(%s, 'q', 3, {arguments})", (collection,))
 
 
 def test_sql_search_bad_input(conn, collection):

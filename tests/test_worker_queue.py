@@ -195,10 +195,10 @@ class FailsOnPoison:
     def count_tokens(self, texts):
         return self.model.count_tokens(texts)
 
-    def embed_chunks(self, texts, **kwargs):
+    def embed_documents(self, texts, **kwargs):
         if any("POISON" in t for t in texts):
             raise RuntimeError("cannot embed this text")
-        return self.model.embed_chunks(texts, **kwargs)
+        return self.model.embed_documents(texts, **kwargs)
 
 
 def test_failures_retry_with_backoff_then_park(conn, model):
@@ -299,14 +299,14 @@ class Recording:
     def count_tokens(self, texts):
         return self.model.count_tokens(texts)
 
-    def embed_chunks(self, texts, **kwargs):
+    def embed_documents(self, texts, **kwargs):
         with connect(self.dsn) as other:
             (leased,) = other.execute(
                 "SELECT count(*) FROM longembed.queue WHERE leased_until > now()"
             ).fetchone()
         self.calls.append((leased, len(texts)))
         time.sleep(self.delay)
-        return self.model.embed_chunks(texts, **kwargs)
+        return self.model.embed_documents(texts, **kwargs)
 
 
 def test_claims_what_fits_the_token_budget(conn, dsn, model):

@@ -296,26 +296,51 @@ BEGIN
 END;
 $do$;
 
+-- Schema version 5 added the search mode and fusion options: the six-argument search is dropped (the
+-- new one takes the same first six, so old calls still work); CASCADE takes the public wrapper,
+-- recreated by 025_public_wrappers.sql.
+DO $do$
+BEGIN
+    IF to_regprocedure('longembed.search(text,text,integer,jsonb,boolean,integer)') IS NOT NULL THEN
+        DROP FUNCTION longembed.search(text, text, integer, jsonb, boolean, integer) CASCADE;
+    END IF;
+END;
+$do$;
+
 -- Top-k documents of a collection for a text query: the same rows as longembed.plugin.store.search.search() and
--- `longembed search` (all three end in longembed.search_vector / search_hybrid, 015_search.sql).
+-- `longembed search` (all three end in longembed.search_modes, 015_search.sql). `mode`: dense, chunks,
+-- lexical, hybrid or auto; NULL: the collection's search_mode. `weights`, `fusion`, `rrf_k`: hybrid's
+-- options. `hybrid`: deprecated, true is mode 'hybrid'.
 CREATE OR REPLACE FUNCTION longembed.search(
     collection text, query text, k integer DEFAULT 10, filter jsonb DEFAULT NULL,
-    hybrid boolean DEFAULT false, ef_search integer DEFAULT NULL)
+    hybrid boolean DEFAULT NULL, ef_search integer DEFAULT NULL, mode text DEFAULT NULL,
+    weights jsonb DEFAULT NULL, fusion text DEFAULT NULL, rrf_k integer DEFAULT NULL)
 RETURNS TABLE (external_id text, score double precision, chunk_ordinal integer, char_start integer,
                char_end integer, snippet text, metadata jsonb, truncated boolean)
 LANGUAGE plpgsql
 AS $body$
+DECLARE
+    v_options jsonb;
+    v_vector  vector;
 BEGIN
     IF collection IS NULL OR query IS NULL THEN
         RAISE EXCEPTION 'longembed: search needs a collection and a query, got NULL'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
     IF hybrid THEN
-        RETURN QUERY SELECT * FROM longembed.search_hybrid(
-            collection, query, longembed.embed_query(collection, query), k, filter, ef_search);
-    ELSE
-        RETURN QUERY SELECT * FROM longembed.search_vector(
-            collection, longembed.embed_query(collection, query), k, filter, ef_search);
+        IF mode IS NOT NULL AND mode <> 'hybrid' THEN
+            RAISE EXCEPTION 'longembed: hybrid => true is mode hybrid, but mode is %', quote_literal(mode)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        mode := 'hybrid';
     END IF;
+    v_options := longembed.search_options(collection, mode, weights, fusion, rrf_k);
+    -- The query is embedded only where a vector signal is used (lexical search needs no model host).
+    IF v_options ->> 'mode' = 'chunks' OR coalesce((v_options #>> '{weights,dense}')::float8, 0) > 0
+       OR coalesce((v_options #>> '{weights,chunks}')::float8, 0) > 0 THEN
+        v_vector := longembed.embed_query(collection, query);
+    END IF;
+    RETURN QUERY SELECT * FROM longembed.search_modes(
+        collection, query, v_vector, k, filter, ef_search, mode, weights, fusion, rrf_k);
 END;
 $body$;

@@ -28,16 +28,18 @@ BEGIN
                 CREATE OR REPLACE FUNCTION public.embed(inputs text[], kind text DEFAULT 'query')
                 RETURNS vector[] LANGUAGE sql STRICT STABLE PARALLEL RESTRICTED
                 RETURN longembed.embed(inputs, kind)$f$),
-            ('public.search(text,text,integer,jsonb,boolean,integer)', $f$
+            ('public.search(text,text,integer,jsonb,boolean,integer,text,jsonb,text,integer)', $f$
                 CREATE OR REPLACE FUNCTION public.search(
                     collection text, query text, k integer DEFAULT 10, filter jsonb DEFAULT NULL,
-                    hybrid boolean DEFAULT false, ef_search integer DEFAULT NULL)
+                    hybrid boolean DEFAULT NULL, ef_search integer DEFAULT NULL, mode text DEFAULT NULL,
+                    weights jsonb DEFAULT NULL, fusion text DEFAULT NULL, rrf_k integer DEFAULT NULL)
                 RETURNS TABLE (external_id text, score double precision, chunk_ordinal integer,
                                char_start integer, char_end integer, snippet text, metadata jsonb,
                                truncated boolean)
                 LANGUAGE sql
                 BEGIN ATOMIC
-                    SELECT * FROM longembed.search(collection, query, k, filter, hybrid, ef_search);
+                    SELECT * FROM longembed.search(collection, query, k, filter, hybrid, ef_search, mode,
+                                                   weights, fusion, rrf_k);
                 END$f$)
         ) AS w(signature, ddl)
     LOOP

@@ -1,4 +1,4 @@
-"""Data commands: migrate, collection create|list|drop, ingest, search, worker."""
+"""Data commands: migrate, collection create|list|calibrate|drop, ingest, search, worker."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import psycopg
 from psycopg import sql
@@ -21,6 +21,7 @@ from longembed.encoder.chunking import DEFAULT_CHUNK_TOKENS
 from longembed.plugin import db
 from longembed.plugin.cli import errors, options
 from longembed.plugin.embedded.server import resolve_dsn
+from longembed.plugin.store.collections import SEARCH_MODES
 
 INGEST_BATCH = 256  # documents per add_documents call (one transaction)
 
@@ -42,6 +43,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="print JSON")
     options.dsn(c)
     c.set_defaults(run=_cmd_collection_list)
+    c = csub.add_parser(
+        "calibrate", help="choose the fusion of search mode auto again, from the collection's own documents"
+    )
+    options.collection(c)
+    c.add_argument("--json", action="store_true", help="print JSON")
+    options.dsn(c)
+    c.set_defaults(run=_cmd_collection_calibrate)
     c = csub.add_parser("drop", help="drop a collection with its documents and vectors")
     options.collection(c, deprecated_positional=True)
     c.add_argument("--if-exists", action="store_true", help="no error when it does not exist")
@@ -76,7 +84,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query")
     p.add_argument("-k", type=options.positive_int, default=10, help="number of documents (default 10)")
     p.add_argument("--filter", help='metadata the documents must contain, as JSON: \'{"lang": "en"}\'')
-    p.add_argument("--hybrid", action="store_true", help="fuse with full-text ranking (RRF)")
+    p.add_argument(
+        "--mode",
+        choices=SEARCH_MODES,
+        help="dense (document vector), chunks (best chunk), lexical (BM25), hybrid (fusion) or auto "
+        "(the fusion chosen for the collection); default: the collection's search mode",
+    )
+    p.add_argument("--hybrid", action="store_true", help="deprecated: --mode hybrid")
+    p.add_argument(
+        "--weights", help='hybrid: weight per signal, as JSON: \'{"dense": 1, "chunks": 1, "lexical": 0.5}\''
+    )
+    p.add_argument("--fusion", choices=("rrf", "minmax", "zscore"), help="hybrid: how to fuse (default rrf)")
+    p.add_argument(
+        "--rrf-k", type=options.positive_int, help="hybrid: the k of rrf, 1/(k + rank) (default 60)"
+    )
     p.add_argument(
         "--ef-search", type=options.positive_int, help="HNSW ef_search for this query (recall vs speed)"
     )
@@ -139,6 +160,15 @@ def _collection_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--bm25-k1", type=float, default=unset, help="BM25 term frequency saturation, 0..10 (1.2)")
     g.add_argument("--bm25-b", type=float, default=unset, help="BM25 length normalisation, 0..1 (0.75)")
+    g.add_argument(
+        "--search-mode", choices=SEARCH_MODES, default=unset, help="what a search does by default (auto)"
+    )
+    g.add_argument(
+        "--document-vector",
+        choices=("head", "mean"),
+        default=unset,
+        help="head: the model's first window of the text (default); mean: the mean of the chunk vectors",
+    )
 
 
 COLLECTION_SETTINGS = (
@@ -154,6 +184,8 @@ COLLECTION_SETTINGS = (
     "dimensions",
     "bm25_k1",
     "bm25_b",
+    "search_mode",
+    "document_vector",
 )
 # A setting whose Collection field has another name.
 SETTING_FIELDS = {"dimensions": "dim"}
@@ -239,13 +271,41 @@ def _cmd_collection_list(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'name':<20} {'model':<40} {'dim':>5} {'mode':<6} {'docs':>8} {'queued':>7} {'failed':>7} "
-        f"{'chunks':>8}"
+        f"{'chunks':>8}  search"
     )
     for c, s in rows:
         print(
             f"{c.name:<20} {c.model_name[:40]:<40} {c.dim:>5} {c.mode:<6} {s['documents']:>8} "
-            f"{s['queued']:>7} {s['failed']:>7} {s['chunks']:>8}"
+            f"{s['queued']:>7} {s['failed']:>7} {s['chunks']:>8}  {_search_summary(c)}"
         )
+    return 0
+
+
+def _search_summary(c) -> str:
+    """The search mode, and for auto what it chose: `auto: rrf dense=1 chunks=1 lexical=1`."""
+    if c.search_mode != "auto":
+        return c.search_mode
+    chosen = c.auto_fusion or {"weights": {"dense": 1}, "fusion": "raw"}
+    weights = " ".join(f"{k}={v:g}" for k, v in chosen["weights"].items() if v)
+    return f"auto: {chosen['fusion']} {weights}"
+
+
+def _cmd_collection_calibrate(args: argparse.Namespace) -> int:
+    from longembed.plugin.models import get_model
+    from longembed.plugin.pipeline.worker import embedders
+    from longembed.plugin.store.calibrate import calibrate
+    from longembed.plugin.store.collections import get_collection
+
+    name = options.resolve_collection(args)
+    with _connect(args) as conn:
+        collection = get_collection(conn, name)
+        chosen = calibrate(conn, collection, *embedders(get_model(collection.model_source), collection))
+    if args.json:
+        print(json.dumps(chosen, indent=2))
+    else:
+        print(f"collection {name}: {_search_summary(replace(collection, auto_fusion=chosen))}")
+        for config, score in chosen.get("scores", {}).items():
+            print(f"  {config:<32} MRR@10 {score:.4f}")
     return 0
 
 
@@ -502,6 +562,7 @@ def _embed_inline(conn: psycopg.Connection, collection, settings: dict, *, progr
             now = pending()
             bar.update(max(0, remaining - now))
             remaining = now
+    worker.recalibrate()  # search mode auto's choice, before ingest returns
     embedded_line = f"embedded into {collection.name}"
     if truncated:
         embedded_line += f"; {truncated} documents truncated at {model.info.max_tokens} tokens"
@@ -514,6 +575,19 @@ def _embed_inline(conn: psycopg.Connection, collection, settings: dict, *, progr
     return parked
 
 
+def _calibrate_if_due(conn: psycopg.Connection, name: str) -> None:
+    """Make search mode auto's choice for collection `name` now if it is due (a host's worker would make
+    it soon after; a command that searches next wants it made)."""
+    from longembed.plugin.models import get_model
+    from longembed.plugin.pipeline.worker import embedders
+    from longembed.plugin.store.calibrate import calibrate, due
+    from longembed.plugin.store.collections import get_collection
+
+    collection = get_collection(conn, name)
+    if due(conn, collection):
+        calibrate(conn, collection, *embedders(get_model(collection.model_source), collection))
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from longembed.plugin.store.search import search
 
@@ -523,6 +597,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
             filter_ = json.loads(args.filter)
         except json.JSONDecodeError as exc:
             raise errors.UsageError(f"--filter is not valid JSON: {exc}") from None
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = json.loads(args.weights)
+        except json.JSONDecodeError as exc:
+            raise errors.UsageError(f"--weights is not valid JSON: {exc}") from None
     name = options.resolve_collection(args)
     with _connect(args) as conn:
         results = search(
@@ -532,6 +612,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
             args.k,
             filter=filter_,
             ef_search=args.ef_search,
+            mode=args.mode,
+            weights=weights,
+            fusion=args.fusion,
+            rrf_k=args.rrf_k,
             hybrid=args.hybrid,
         )
     if args.json:

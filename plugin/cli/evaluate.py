@@ -91,6 +91,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         collection = data._create_from_args(conn, name, args)
         try:
             problems, failed = _ingest(conn, collection, dataset, settings, started, args, progress)
+            data._calibrate_if_due(conn, name)
             results = runner.evaluate(
                 conn, collection, dataset, modes, k=args.k, via=args.via, progress=progress
             )

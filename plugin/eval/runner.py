@@ -20,9 +20,8 @@ from longembed.plugin.eval.metrics import mrr_at_k, ndcg_at_k, recall_at_k
 from longembed.plugin.store.collections import Collection
 from longembed.plugin.store.search import search
 
-# The search modes search() offers today. Branch `modes` replaces `hybrid: bool` by
-# mode="dense"|"chunks"|"lexical"|"hybrid"|"auto": change this tuple and run_query, nothing else.
-MODES = ("vector", "hybrid")
+# The search modes (store/search.py; migrations/functions/015_search.sql).
+MODES = ("dense", "chunks", "lexical", "hybrid", "auto")
 VIA = ("python", "sql")
 
 
@@ -30,11 +29,10 @@ def run_query(
     conn: psycopg.Connection, collection: Collection, mode: str, query: str, k: int, via: str
 ) -> list[str]:
     """The ids of the top-`k` documents for `query` in search mode `mode`, best first."""
-    hybrid = mode == "hybrid"
     if via == "python":
-        return [hit.external_id for hit in search(conn, collection, query, k, hybrid=hybrid)]
+        return [hit.external_id for hit in search(conn, collection, query, k, mode=mode)]
     rows = conn.execute(
-        "SELECT external_id FROM longembed.search(%s, %s, %s, NULL, %s)", (collection.name, query, k, hybrid)
+        "SELECT external_id FROM longembed.search(%s, %s, %s, mode => %s)", (collection.name, query, k, mode)
     ).fetchall()
     return [row[0] for row in rows]
 

@@ -50,6 +50,16 @@ class ChunkRow(Protocol):
     truncated: bool  # the text was cut at the model's window (full mode)
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """What the worker writes for one document: its chunks and its document vector."""
+
+    chunks: Sequence[ChunkRow]
+    vector: np.ndarray  # the document vector (collection.document_vector: head or mean of chunks)
+    n_tokens: int  # tokens it stands for
+    truncated: bool  # the head did not hold the whole text
+
+
 def new_token() -> uuid.UUID:
     return uuid.uuid4()
 
@@ -139,9 +149,10 @@ def write_results(
     token: uuid.UUID,
     collection: Collection,
     model_revision: str,
-    results: dict[int, Sequence[ChunkRow]],
+    results: dict[int, Embedded],
 ) -> list[int]:
-    """Replace the chunks of documents whose lease we still hold, in one transaction.
+    """Replace the chunks and document vectors of documents whose lease we still hold, in one
+    transaction: search never sees one without the other.
 
     Returns the document ids written; the others lost their lease (re-queued, or taken over after
     the lease ran out) and their results are dropped.
@@ -162,9 +173,8 @@ def write_results(
         owned = sorted(attempts)
         if not owned:
             return []
-        cur.execute(
-            sql.SQL("DELETE FROM {} WHERE document_id = ANY(%s)").format(collection.chunk_table), (owned,)
-        )
+        for table in (collection.chunk_table, collection.document_table):
+            cur.execute(sql.SQL("DELETE FROM {} WHERE document_id = ANY(%s)").format(table), (owned,))
         copy_sql = sql.SQL(
             "COPY {} (document_id, ordinal, char_start, char_end, n_tokens, truncated, embedding) "
             "FROM STDIN (FORMAT BINARY)"
@@ -172,8 +182,16 @@ def write_results(
         with cur.copy(copy_sql) as copy:
             copy.set_types(["int8", "int4", "int4", "int4", "int4", "bool", "vector"])
             for doc_id in owned:
-                for c in results[doc_id]:
+                for c in results[doc_id].chunks:
                     copy.write_row((doc_id, c.ordinal, c.start, c.end, c.n_tokens, c.truncated, c.vector))
+        copy_sql = sql.SQL(
+            "COPY {} (document_id, n_tokens, truncated, embedding) FROM STDIN (FORMAT BINARY)"
+        ).format(collection.document_table)
+        with cur.copy(copy_sql) as copy:
+            copy.set_types(["int8", "int4", "bool", "vector"])
+            for doc_id in owned:
+                done = results[doc_id]
+                copy.write_row((doc_id, done.n_tokens, done.truncated, done.vector))
         cur.execute(
             """UPDATE longembed.documents d SET status = 'embedded', error = NULL, model_revision = %s,
                    attempts = a.attempts, embed_count = d.embed_count + 1, embedded_at = now()

@@ -14,9 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+import numpy as np
 import psycopg
 
 from longembed.plugin.pipeline import queue
+from longembed.plugin.store import calibrate
 from longembed.plugin.store.collections import Collection, get_collection, list_collections
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ class EmbeddingModel(Protocol):
     """The part of encoder's model the worker uses."""
 
     info: Any  # encoder.ModelInfo: name, revision, dim, ...
+
+    def embed_documents(self, texts: Sequence[str], **kwargs: Any) -> list[Any]: ...  # DocumentVectors
 
     def embed_chunks(self, texts: Sequence[str], **kwargs: Any) -> list[list[queue.ChunkRow]]: ...
 
@@ -136,6 +140,7 @@ class Worker:
         # cannot count tokens) so that about one token budget's worth is leased at a time.
         self._bytes_per_token = INITIAL_BYTES_PER_TOKEN
         self._warned: set[str] = set()
+        self._written: set[int] = set()  # collections written to since auto's choice was last checked
         if self.names:
             for name in self.names:  # fail now, clearly, rather than idle forever
                 reason = incompatibility(get_collection(conn, name), model.info)
@@ -175,6 +180,7 @@ class Worker:
         )
         stats.db_seconds += time.perf_counter() - t0
         if not items:
+            self.recalibrate(collections)
             return stats
         stats.batches = 1
         errors: dict[int, str] = {}
@@ -201,7 +207,7 @@ class Worker:
             queue.release(self.conn, self.token, [item.document_id for item in items[keep:]])
         items = items[:keep]
         stats.tokens = budget
-        results: dict[int, list] = {}
+        results: dict[int, queue.Embedded] = {}
         by_collection: dict[int, list[queue.ClaimedItem]] = {}
         for item in items:
             by_collection.setdefault(item.collection_id, []).append(item)
@@ -220,7 +226,9 @@ class Worker:
             errors = {item.document_id: f"write failed: {exc}" for item in items} | errors
             retrying, parked = self._record_failures(errors)
         stats.embedded = len(written)
-        stats.truncated = sum(any(c.truncated for c in results[doc_id]) for doc_id in written)
+        if written:
+            self._written.update(by_collection)
+        stats.truncated = sum(any(c.truncated for c in results[doc_id].chunks) for doc_id in written)
         stats.dropped = len(results) - len(written)
         stats.retrying, stats.parked = len(retrying), len(parked)
         stats.db_seconds += time.perf_counter() - t0
@@ -232,7 +240,7 @@ class Worker:
         self,
         collections: dict[int, Collection],
         by_collection: dict[int, list[queue.ClaimedItem]],
-        results: dict[int, list],
+        results: dict[int, queue.Embedded],
         errors: dict[int, str],
     ) -> tuple[list[int], list[int], list[int]]:
         """One transaction: write results, record failures."""
@@ -245,6 +253,20 @@ class Worker:
                 )
             retrying, parked = self._record_failures(errors)
         return written, retrying, parked
+
+    def recalibrate(self, collections: dict[int, Collection] | None = None) -> None:
+        """Choose `auto`'s fusion again for the collections this worker wrote to that changed enough
+        (store/calibrate.py), with this worker's model; run_once does it when the queue is drained."""
+        collections = self._collections() if collections is None else collections
+        for collection_id in sorted(self._written & set(collections)):
+            collection = collections[collection_id]
+            try:
+                if calibrate.due(self.conn, collection):
+                    chosen = calibrate.calibrate(self.conn, collection, *embedders(self.model, collection))
+                    log.info("collection %s: search mode auto chose %s", collection.name, chosen["weights"])
+            except Exception as exc:  # searches go on with the previous choice; ingestion goes on
+                log.warning("could not calibrate search mode auto of %s: %s", collection.name, exc)
+        self._written.clear()
 
     def _record_failures(self, errors: dict[int, str]) -> tuple[list[int], list[int]]:
         cfg = self.config
@@ -261,7 +283,7 @@ class Worker:
         self,
         collection: Collection,
         group: list[queue.ClaimedItem],
-        results: dict[int, list],
+        results: dict[int, queue.Embedded],
         errors: dict[int, str],
     ) -> None:
         try:
@@ -279,8 +301,9 @@ class Worker:
             except Exception as exc:
                 errors[item.document_id] = f"{type(exc).__name__}: {exc}"
 
-    def _embed(self, collection: Collection, texts: list[str]) -> list[list[queue.ChunkRow]]:
-        chunks = self.model.embed_chunks(
+    def _embed(self, collection: Collection, texts: list[str]) -> list[queue.Embedded]:
+        # Chunks and head vectors in one encoder run; a chunk that is the head is not embedded twice.
+        documents = self.model.embed_documents(
             texts,
             mode=collection.mode,
             chunk_tokens=collection.chunk_tokens,
@@ -291,15 +314,21 @@ class Worker:
             # Only when truncating: a model of the collection's own size needs no `dimensions`.
             **({"dimensions": collection.dim} if collection.dim != self.model.info.dim else {}),
         )
-        for doc_chunks in chunks:
-            if not doc_chunks:
+        out = []
+        for doc in documents:
+            if not doc.chunks:
                 raise ValueError("the encoder returned no chunk for a document")
-            for chunk in doc_chunks:
-                if chunk.vector.shape != (collection.dim,):
+            for vector in [doc.head, *(chunk.vector for chunk in doc.chunks)]:
+                if vector.shape != (collection.dim,):
                     raise ValueError(
-                        f"encoder gave a {chunk.vector.shape} vector for {collection.dim}-d {collection.name}"
+                        f"encoder gave a {vector.shape} vector for {collection.dim}-d {collection.name}"
                     )
-        return chunks
+            if collection.document_vector == "mean":
+                n_tokens = sum(chunk.n_tokens for chunk in doc.chunks)
+                out.append(queue.Embedded(doc.chunks, mean_of_chunks(doc.chunks), n_tokens, False))
+            else:
+                out.append(queue.Embedded(doc.chunks, doc.head, doc.head_tokens, doc.head_truncated))
+        return out
 
     def drain(self, stop: threading.Event | None = None, total: WorkerStats | None = None) -> WorkerStats:
         """Process batches until nothing is ready (items leased by others or backing off: not waited for).
@@ -323,6 +352,31 @@ class Worker:
             if stats.batches == 0:
                 stop.wait(self.config.poll_interval)
         return total
+
+
+def embedders(model: Any, collection: Collection) -> tuple[calibrate.Embed, calibrate.Embed]:
+    """(queries, document heads) -> vectors for `collection` with `model` (EmbeddingModel or the host's
+    BatchedModel): its prefixes and size, as searches and the worker embed them."""
+    sized = {"dimensions": collection.dim} if collection.dim != model.info.dim else {}
+
+    def embed(kind: str, instruction: str | None) -> calibrate.Embed:
+        def run(texts: Sequence[str]) -> np.ndarray:
+            if not texts:
+                return np.zeros((0, collection.dim), dtype=np.float32)
+            docs = model.embed_chunks(list(texts), mode="full", kind=kind, instruction=instruction, **sized)
+            return np.stack([doc[0].vector for doc in docs])
+
+        return run
+
+    return embed("query", collection.query_prefix), embed("document", collection.document_prefix)
+
+
+def mean_of_chunks(chunks: Sequence[queue.ChunkRow]) -> np.ndarray:
+    """The chunk vectors' mean weighted by their tokens, L2-normalised: a document vector that sees all
+    of a long text (of late chunks: windows that each saw their whole block)."""
+    weights = np.array([max(chunk.n_tokens, 1) for chunk in chunks], dtype=np.float32)
+    mean = (np.stack([chunk.vector for chunk in chunks]) * weights[:, None]).sum(axis=0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
 
 def ready_work(conn: psycopg.Connection, names: Sequence[str] | None = None) -> dict[str, list[str]]:

@@ -32,7 +32,13 @@ from psycopg.types.json import Jsonb
 from longembed.plugin.db import connect
 from longembed.plugin.service.ann import CollectionIndex, Rebuild, Staleness, key_of, private_dir
 from longembed.plugin.store.collections import Collection, get_collection
-from longembed.plugin.store.search import SNIPPET_CHARS, SearchResult, check_arguments, search_by_vector
+from longembed.plugin.store.search import (
+    SNIPPET_CHARS,
+    SearchResult,
+    check_arguments,
+    resolve_options,
+    search_by_vector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -268,16 +274,35 @@ def search_vector(
     *,
     filter: Mapping[str, Any] | None = None,
     ef_search: int | None = None,
-    hybrid_text: str | None = None,
+    text: str | None = None,
+    mode: str | None = None,
+    weights: Mapping[str, float] | None = None,
+    fusion: str | None = None,
+    rrf_k: int | None = None,
 ) -> tuple[list[SearchResult], str]:
-    """/v1/search's search: the fast path where it answers, else SQL; returns (rows, which index)."""
+    """/v1/search's search: the fast path where it answers, else SQL; returns (rows, which index).
+
+    hnswlib mirrors the chunk table, so it answers only the searches that are the best chunk alone with
+    its raw score (mode "chunks", or "auto" where the collection chose that); any other mode or fusion
+    is SQL's, so HTTP, SQL and Python rank alike."""
     check_arguments(k, ef_search, filter)
-    if fast is not None and hybrid_text is None:
+    options = resolve_options(collection, mode, weights, fusion, rrf_k)
+    if fast is not None and options["fusion"] == "raw" and dict(options["weights"]) == {"chunks": 1.0}:
         results = fast.search(conn, collection, vector, k, filter=filter, ef_search=ef_search)
         if results is not None:
             return results, HNSWLIB
     rows = search_by_vector(
-        conn, collection, vector, k, filter=filter, ef_search=ef_search, hybrid_text=hybrid_text
+        conn,
+        collection,
+        vector,
+        k,
+        filter=filter,
+        ef_search=ef_search,
+        text=text,
+        mode=mode,
+        weights=weights,
+        fusion=fusion,
+        rrf_k=rrf_k,
     )
     return rows, PGVECTOR
 

@@ -142,7 +142,11 @@ def build_app(host: Host) -> Starlette:
                         req.k,
                         filter=req.filter,
                         ef_search=req.ef_search,
-                        hybrid_text=req.query if req.hybrid else None,
+                        text=req.query,
+                        mode="hybrid" if req.hybrid and req.mode is None else req.mode,
+                        weights=req.weights,
+                        fusion=req.fusion,
+                        rrf_k=req.rrf_k,
                     )
                 except ValueError as exc:
                     raise invalid(str(exc)) from None
@@ -234,10 +238,14 @@ class SearchRequest:
     query: str | None
     k: int
     filter: dict[str, Any] | None
-    hybrid: bool
+    hybrid: bool  # deprecated: mode "hybrid"
     ef_search: int | None
     vector: list[float] | None = None  # instead of `query`: a query vector embedded elsewhere
     index: str = "auto"  # "pgvector": skip the host's hnswlib index even where it has one
+    mode: str | None = None  # None: the collection's search_mode
+    weights: dict[str, Any] | None = None
+    fusion: str | None = None
+    rrf_k: int | None = None
 
 
 async def _compute(served: Any, plan: Any) -> Any:
@@ -281,7 +289,23 @@ def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequ
     if ef_search is not None and (isinstance(ef_search, bool) or not isinstance(ef_search, int)):
         raise invalid(f"'ef_search' must be an integer, got {_json_type(ef_search)}", "ef_search")
     index = _choice(body, "index", ("auto", "pgvector"), "auto")
-    return SearchRequest(collection, query, k, filter_, hybrid, ef_search, vector, index)
+    mode = body.get("mode")
+    if mode is not None and not isinstance(mode, str):
+        raise invalid(f"'mode' must be a string, got {_json_type(mode)}", "mode")
+    if hybrid and mode not in (None, "hybrid"):
+        raise invalid(f"'hybrid': true is mode 'hybrid', but 'mode' is {mode!r}", "mode")
+    weights = body.get("weights")
+    if weights is not None and not isinstance(weights, dict):
+        raise invalid(f"'weights' must be a JSON object, got {_json_type(weights)}", "weights")
+    fusion = body.get("fusion")
+    if fusion is not None and not isinstance(fusion, str):
+        raise invalid(f"'fusion' must be a string, got {_json_type(fusion)}", "fusion")
+    rrf_k = body.get("rrf_k")
+    if rrf_k is not None and (isinstance(rrf_k, bool) or not isinstance(rrf_k, int)):
+        raise invalid(f"'rrf_k' must be an integer, got {_json_type(rrf_k)}", "rrf_k")
+    return SearchRequest(
+        collection, query, k, filter_, hybrid, ef_search, vector, index, mode, weights, fusion, rrf_k
+    )
 
 
 def _is_number(value: Any) -> bool:

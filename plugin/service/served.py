@@ -118,6 +118,26 @@ class BatchedModel:
             rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
         return plan.assemble(rows)
 
+    def embed_documents(
+        self,
+        texts: Seq[str],
+        mode: str = "chunk",
+        chunk_tokens: int | None = None,
+        overlap: int = 32,
+        kind: str = "document",
+        instruction: str | None = None,
+        batch_tokens: int | None = None,  # the batcher's own budget applies
+        progress: bool = False,
+        dimensions: int | None = None,
+    ) -> list:
+        """As EmbeddingModel.embed_documents: chunks and head vectors in one submission."""
+        check_dimensions(dimensions, self.info.dim, self.info.matryoshka_dims, self.info.name)
+        plan = self._served.model.prepare(texts, mode, chunk_tokens, overlap, kind, instruction, head=True)
+        rows = self._served.batcher.submit(plan.sequences, plan.n_out, self._priority).result()
+        if dimensions is not None and dimensions != self.info.dim:
+            rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
+        return plan.documents(rows)
+
     def count_tokens(self, texts: Seq[str]) -> list[int]:
         return self._served.model.count_tokens(texts)
 

@@ -1,7 +1,8 @@
 """Collections: a named set of documents embedded by one model with one chunking setup.
 
-Each collection owns a chunk table `longembed."chunks_<id>"` with a `vector(dim)` column and an HNSW
-index (why one table per collection: migrations/versions/0001_init.sql). Table names come from the
+Each collection owns a chunk table `longembed."chunks_<id>"` and a document vector table
+`longembed."docvecs_<id>"`, each with a `vector(dim)` column and an HNSW index (why one table per
+collection: migrations/versions/0001_init.sql; the document vector: 0005_*.sql). Table names come from the
 numeric id through psycopg.sql.Identifier, never from the user's collection name.
 """
 
@@ -11,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol, overload
+from typing import Any, Literal, Protocol, overload
 
 import psycopg
 from psycopg import sql
@@ -29,6 +30,8 @@ DISTANCES: dict[str, tuple[str, str]] = {
     "l2": ("<->", "vector_l2_ops"),
     "ip": ("<#>", "vector_ip_ops"),
 }
+SEARCH_MODES = ("dense", "chunks", "lexical", "hybrid", "auto")
+DOCUMENT_VECTORS = ("head", "mean")
 
 
 class ModelDescription(Protocol):
@@ -77,10 +80,18 @@ class Collection:
     created_at: datetime
     bm25_k1: float  # Okapi BM25's term frequency saturation (search_bm25, migrations/functions/012_bm25.sql)
     bm25_b: float  # and its length normalisation
+    search_mode: str = "auto"  # what a search does when the call does not say (store/search.py)
+    document_vector: str = "head"  # "head": the model's first window of the text; "mean": of the chunks
+    fusion: dict[str, Any] | None = None  # hybrid's options when a call gives none
+    auto_fusion: dict[str, Any] | None = None  # what `auto` chose (store/calibrate.py)
 
     @property
     def chunk_table(self) -> sql.Composable:
         return sql.Identifier("longembed", f"chunks_{self.id}")
+
+    @property
+    def document_table(self) -> sql.Composable:
+        return sql.Identifier("longembed", f"docvecs_{self.id}")
 
     @property
     def operator(self) -> sql.SQL:
@@ -126,6 +137,8 @@ def create_collection(
     dimensions: int | None = None,
     bm25_k1: float = 1.2,
     bm25_b: float = 0.75,
+    search_mode: str = "auto",
+    document_vector: str = "head",
 ) -> Collection:
     """Create a collection for `model` with its chunk table and HNSW index.
 
@@ -136,10 +149,17 @@ def create_collection(
     `dimensions`: the vectors' size, the model's own by default, or one of its Matryoshka sizes
     (`matryoshka_dims`): its vectors, documents' and queries', are then cut to that size.
     `bm25_k1` (0..10) and `bm25_b` (0..1): the collection's Okapi BM25 parameters (store.bm25).
+    `search_mode`: what a search does when the call does not say (one of SEARCH_MODES; see
+    store/search.py). `document_vector`: "head" (the model's first window of the text: all of it up to
+    8,192 tokens for a long-context model) or "mean" (the token-weighted mean of the chunk vectors).
     """
     validate_name(name)
     info: ModelDescription = getattr(model, "info", model)
     check_mode(mode, info.pooling, info.name)
+    if search_mode not in SEARCH_MODES:
+        raise ValueError(f"unknown search mode {search_mode!r}: expected one of {', '.join(SEARCH_MODES)}")
+    if document_vector not in DOCUMENT_VECTORS:
+        raise ValueError(f"document_vector must be {' or '.join(DOCUMENT_VECTORS)}, got {document_vector!r}")
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}: expected one of {', '.join(DISTANCES)}")
     # ModelInfo's matryoshka_dims: the shorter sizes it was trained to give (none for most models).
@@ -176,8 +196,9 @@ def create_collection(
             row = conn.execute(
                 """INSERT INTO longembed.collections (name, model_name, model_source, model_revision, dim,
                        mode, chunk_tokens, overlap, query_prefix, document_prefix, distance, hnsw_m,
-                       hnsw_ef_construction, text_search_config, bm25_k1, bm25_b)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig, %s, %s)
+                       hnsw_ef_construction, text_search_config, bm25_k1, bm25_b, search_mode,
+                       document_vector)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig, %s, %s, %s, %s)
                    RETURNING id""",
                 (
                     name,
@@ -196,6 +217,8 @@ def create_collection(
                     text_search_config,
                     bm25_k1,
                     bm25_b,
+                    search_mode,
+                    document_vector,
                 ),
             ).fetchone()
         except psycopg.errors.UndefinedObject as exc:
@@ -248,17 +271,19 @@ def collection_stats(conn: psycopg.Connection, collection: Collection) -> dict[s
         ).fetchall()
     )
     (chunks,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(collection.chunk_table)).fetchone()
+    (vectors,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(collection.document_table)).fetchone()
     return {
         "documents": sum(counts.values()),
         "embedded": counts.get("embedded", 0),
         "queued": counts.get("queued", 0),
         "failed": counts.get("failed", 0),
         "chunks": chunks,
+        "document_vectors": vectors,
     }
 
 
 def drop_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = False) -> bool:
-    """Drop a collection, its documents, chunks and queue items, and the triggers feeding it.
+    """Drop a collection, its documents, vectors and queue items, and the triggers feeding it.
 
     Returns False when it did not exist and `missing_ok`.
     """
@@ -274,7 +299,7 @@ def drop_collection(conn: psycopg.Connection, name: str, *, missing_ok: bool = F
             (collection.id,),
         ).fetchall():
             _drop_triggers(conn, table_oid, collection.id)
-        # The chunk table belongs to the schema's owner: it drops the table and the row for us.
+        # The vector tables belong to the schema's owner: it drops them and the row for us.
         conn.execute("SELECT longembed.delete_collection(%s)", (collection.id,))
     return True
 
