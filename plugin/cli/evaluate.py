@@ -91,8 +91,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         collection = data._create_from_args(conn, name, args)
         try:
             problems, failed = _ingest(conn, collection, dataset, settings, started, args, progress)
+            fresh = (lambda: data._connect(args)) if args.via == "sql" else None
             results = runner.evaluate(
-                conn, collection, dataset, modes, k=args.k, via=args.via, progress=progress
+                conn,
+                collection,
+                dataset,
+                modes,
+                k=args.k,
+                via=args.via,
+                progress=progress,
+                fresh_connection=fresh,
             )
         finally:
             _drop_unless_kept(conn, name, args.keep)
