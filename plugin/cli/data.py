@@ -137,6 +137,8 @@ def _collection_options(p: argparse.ArgumentParser) -> None:
         default=unset,
         help="vector size: the model's (default) or one of its Matryoshka sizes, e.g. 256",
     )
+    g.add_argument("--bm25-k1", type=float, default=unset, help="BM25 term frequency saturation, 0..10 (1.2)")
+    g.add_argument("--bm25-b", type=float, default=unset, help="BM25 length normalisation, 0..1 (0.75)")
 
 
 COLLECTION_SETTINGS = (
@@ -150,6 +152,8 @@ COLLECTION_SETTINGS = (
     "document_prefix",
     "text_search_config",
     "dimensions",
+    "bm25_k1",
+    "bm25_b",
 )
 # A setting whose Collection field has another name.
 SETTING_FIELDS = {"dimensions": "dim"}

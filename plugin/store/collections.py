@@ -75,6 +75,8 @@ class Collection:
     hnsw_ef_construction: int
     text_search_config: str
     created_at: datetime
+    bm25_k1: float  # Okapi BM25's term frequency saturation (search_bm25, migrations/functions/012_bm25.sql)
+    bm25_b: float  # and its length normalisation
 
     @property
     def chunk_table(self) -> sql.Composable:
@@ -88,6 +90,14 @@ class Collection:
 _COLUMNS = sql.SQL(", ").join(
     sql.Identifier(name) for name in Collection.__dataclass_fields__ if name != "text_search_config"
 ) + sql.SQL(", text_search_config::text")
+
+
+def check_bm25_parameters(k1: float | None, b: float | None) -> None:
+    """The ranges the collections table's CHECKs and longembed.search_bm25 accept (None: not given)."""
+    if k1 is not None and not (isinstance(k1, int | float) and 0 <= k1 <= 10):
+        raise ValueError(f"BM25 k1 must be a number in 0..10, got {k1!r}")
+    if b is not None and not (isinstance(b, int | float) and 0 <= b <= 1):
+        raise ValueError(f"BM25 b must be a number in 0..1, got {b!r}")
 
 
 def validate_name(name: str) -> str:
@@ -114,6 +124,8 @@ def create_collection(
     hnsw_ef_construction: int = 64,
     text_search_config: str = "english",
     dimensions: int | None = None,
+    bm25_k1: float = 1.2,
+    bm25_b: float = 0.75,
 ) -> Collection:
     """Create a collection for `model` with its chunk table and HNSW index.
 
@@ -123,6 +135,7 @@ def create_collection(
     document prefix, at most DEFAULT_CHUNK_TOKENS. Prefixes default (None) to the model's own.
     `dimensions`: the vectors' size, the model's own by default, or one of its Matryoshka sizes
     (`matryoshka_dims`): its vectors, documents' and queries', are then cut to that size.
+    `bm25_k1` (0..10) and `bm25_b` (0..1): the collection's Okapi BM25 parameters (store.bm25).
     """
     validate_name(name)
     info: ModelDescription = getattr(model, "info", model)
@@ -155,6 +168,7 @@ def create_collection(
         raise ValueError(f"overlap must be in 0..{chunk_tokens - 1}, got {overlap}")
     if not (2 <= hnsw_m <= 100 and 4 <= hnsw_ef_construction <= 1000):
         raise ValueError("hnsw_m must be in 2..100 and hnsw_ef_construction in 4..1000")
+    check_bm25_parameters(bm25_k1, bm25_b)
     with conn.transaction():
         if get_collection(conn, name, missing_ok=True) is not None:
             raise ValueError(f"collection {name!r} already exists")
@@ -162,8 +176,8 @@ def create_collection(
             row = conn.execute(
                 """INSERT INTO longembed.collections (name, model_name, model_source, model_revision, dim,
                        mode, chunk_tokens, overlap, query_prefix, document_prefix, distance, hnsw_m,
-                       hnsw_ef_construction, text_search_config)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig)
+                       hnsw_ef_construction, text_search_config, bm25_k1, bm25_b)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::regconfig, %s, %s)
                    RETURNING id""",
                 (
                     name,
@@ -180,6 +194,8 @@ def create_collection(
                     hnsw_m,
                     hnsw_ef_construction,
                     text_search_config,
+                    bm25_k1,
+                    bm25_b,
                 ),
             ).fetchone()
         except psycopg.errors.UndefinedObject as exc:
