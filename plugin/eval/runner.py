@@ -18,12 +18,14 @@ import psycopg
 
 from longembed.plugin.eval.dataset import Dataset
 from longembed.plugin.eval.metrics import mrr_at_k, ndcg_at_k, recall_at_k
+from longembed.plugin.store.bm25 import search_bm25
 from longembed.plugin.store.collections import Collection
 from longembed.plugin.store.search import search
 
-# The search modes search() offers today. Branch `modes` replaces `hybrid: bool` by
-# mode="dense"|"chunks"|"lexical"|"hybrid"|"auto": change this tuple and run_query, nothing else.
-MODES = ("vector", "hybrid")
+# The search modes that exist today: search()'s `hybrid: bool` and BM25 (store/bm25.py). Branch `modes`
+# replaces them by search(mode="dense"|"chunks"|"lexical"|"hybrid"|"auto"): change this tuple and
+# run_query, nothing else.
+MODES = ("vector", "hybrid", "lexical")
 VIA = ("python", "sql")
 WARM_UP = "a warm-up query outside the dataset"  # loads the model and fills caches; not timed or scored
 
@@ -32,6 +34,11 @@ def run_query(
     conn: psycopg.Connection, collection: Collection, mode: str, query: str, k: int, via: str
 ) -> list[str]:
     """The ids of the top-`k` documents for `query` in search mode `mode`, best first."""
+    if mode == "lexical":
+        if via == "python":
+            return [hit.external_id for hit in search_bm25(conn, collection, query, k)]
+        statement = "SELECT external_id FROM longembed.search_bm25(%s, %s, %s)"
+        return [row[0] for row in conn.execute(statement, (collection.name, query, k)).fetchall()]
     hybrid = mode == "hybrid"
     if via == "python":
         return [hit.external_id for hit in search(conn, collection, query, k, hybrid=hybrid)]
