@@ -462,7 +462,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 def fetch_deb(package: str, work: Path) -> tuple[dict, Path]:
     """`apt-get download` one package into `work` and unpack it; returns its provenance and the tree."""
-    _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=" + _sandbox_user(), package], work)
+    _run(["apt-get", "download", "-q", *_sandbox(), package], work)
     debs = sorted(work.glob(f"{package}_*.deb"))
     if len(debs) != 1:
         sys.exit(f"devsets: expected one {package}_*.deb in {work}, found {len(debs)}")
@@ -486,9 +486,8 @@ def fetch_translation(work: Path) -> tuple[dict, str]:
         "Acquire::GzipIndexes=false",  # store the index uncompressed: no lz4 module needed to read it
         "Acquire::IndexTargets::deb::Packages::DefaultEnabled=false",
         "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false",
-        f"APT::Sandbox::User={_sandbox_user()}",
     ]
-    _run(["apt-get", "update", "-q", *[arg for o in options for arg in ("-o", o)]], work)
+    _run(["apt-get", "update", "-q", *_sandbox(), *[arg for o in options for arg in ("-o", o)]], work)
     candidates = sorted(
         p
         for p in lists.glob("*_main_i18n_Translation-en")
@@ -516,9 +515,10 @@ def fetch_translation(work: Path) -> tuple[dict, str]:
     return info, data.decode("utf-8")
 
 
-def _sandbox_user() -> str:
-    # apt drops to _apt to download; running as root into a directory _apt cannot write needs root instead
-    return "root" if os.geteuid() == 0 else ""
+def _sandbox() -> list[str]:
+    # As root apt drops to user _apt to download, who cannot write our temporary directory: stay root.
+    # Anyone else downloads as themselves anyway.
+    return ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
 
 
 # ---------------------------------------------------------------------------------------------------------

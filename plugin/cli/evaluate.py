@@ -92,8 +92,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         try:
             problems, failed = _ingest(conn, collection, dataset, settings, started, args, progress)
             data._calibrate_if_due(conn, name)
+            fresh = (lambda: data._connect(args)) if args.via == "sql" else None
             results = runner.evaluate(
-                conn, collection, dataset, modes, k=args.k, via=args.via, progress=progress
+                conn,
+                collection,
+                dataset,
+                modes,
+                k=args.k,
+                via=args.via,
+                progress=progress,
+                fresh_connection=fresh,
             )
         finally:
             _drop_unless_kept(conn, name, args.keep)
