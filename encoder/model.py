@@ -6,6 +6,7 @@ Pipeline: prefix + tokenise -> sequences (whole texts, token windows, or pooling
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ import torch
 from tqdm import tqdm
 
 from longembed import triton_kernels
+from longembed.encoder import onnx_cpu
 from longembed.encoder.batching import Sequence, pack, plan_batches
 from longembed.encoder.chunking import char_span, check_mode, default_chunk_tokens, windows
 from longembed.encoder.loading import LoadedModel, load
 from longembed.encoder.profiles import KINDS, check_dimensions, profile_for, truncate_dim
+
+log = logging.getLogger(__name__)
 
 # Full mode tokenises a long text's head only: this many characters per token to keep is far more than
 # any BERT-family vocabulary needs (English averages 4-5), and a too-short head falls back to all of it.
@@ -49,6 +53,8 @@ class ModelInfo:
     dtype: str
     source: str  # loads this model again from anywhere: hub id or absolute folder (loading.py)
     matryoshka_dims: tuple[int, ...] = ()  # sizes it may be truncated to (see profiles.Profile)
+    backend: str = "torch"  # what runs the forward passes: "torch" (Triton kernels on CUDA) or "onnxruntime"
+    backend_note: str = ""  # why a CPU model is not on ONNX Runtime (onnx_cpu.py), when it is not
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class EmbeddingModel:
         self.dtype = dtype
         self.module = loaded.module.to(device=device, dtype=dtype)
         profile = profile_for(loaded.name, loaded.folder)
+        self._onnx, note = self._select_cpu_backend()
         self.info = ModelInfo(
             name=loaded.name,
             architecture=loaded.architecture,
@@ -102,6 +109,8 @@ class EmbeddingModel:
             dtype=DTYPE_NAMES[dtype],
             source=loaded.source,
             matryoshka_dims=profile.matryoshka_dims,
+            backend="onnxruntime" if self._onnx is not None else "torch",
+            backend_note=note,
         )
         self._prefix_ids: dict[str, list[int]] = {}
 
@@ -240,10 +249,30 @@ class EmbeddingModel:
         bar.close()
         return out
 
-    @torch.inference_mode()
     def forward_batch(self, sequences: list[Sequence]) -> np.ndarray:
         """One packed forward pass: float32 rows, one per pool span, in the order of the sequences and
-        their spans (their `outputs` indices are not used here)."""
+        their spans (their `outputs` indices are not used here). On the ONNX Runtime backend, sequences
+        past onnx_cpu.MAX_SEQ_TOKENS run on PyTorch; LONGEMBED_KERNELS=triton forces the kernels."""
+        if self._onnx is None or triton_kernels.backend(self.device) == "triton":
+            return self._forward_torch(sequences)
+        long = [len(s.ids) > onnx_cpu.MAX_SEQ_TOKENS for s in sequences]
+        if not any(long):
+            return self._onnx.forward(sequences)
+        rows = [np.empty((len(s.pool_spans), self.info.dim), dtype=np.float32) for s in sequences]
+        for on_torch in (False, True):
+            picked = [i for i, flag in enumerate(long) if flag == on_torch]
+            if picked:
+                run = self._forward_torch if on_torch else self._onnx.forward
+                part = run([sequences[i] for i in picked])
+                k = 0
+                for i in picked:
+                    n = len(sequences[i].pool_spans)
+                    rows[i] = part[k : k + n]
+                    k += n
+        return np.concatenate(rows) if rows else np.zeros((0, self.info.dim), dtype=np.float32)
+
+    @torch.inference_mode()
+    def _forward_torch(self, sequences: list[Sequence]) -> np.ndarray:
         batch = pack(sequences, self.device)
         hidden = self.module(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         return triton_kernels.mean_pool_normalize(hidden, batch.pool_spans).float().cpu().numpy()
@@ -258,6 +287,39 @@ class EmbeddingModel:
         return [len(e.ids) for e in encodings]
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _select_cpu_backend(self) -> tuple[onnx_cpu.OnnxEncoder | None, str]:
+        """(ONNX Runtime encoder or None, why not): fp32 CPU models go on ONNX Runtime unless
+        LONGEMBED_CPU_BACKEND says torch or the export cannot be trusted (onnx_cpu.py)."""
+        if self.device.type != "cpu":
+            return None, ""
+        choice = onnx_cpu.backend_choice()
+        if choice == "torch":
+            return None, "LONGEMBED_CPU_BACKEND=torch"
+        if self.dtype != torch.float32:
+            reason = f"{DTYPE_NAMES[self.dtype]} runs on PyTorch (ONNX Runtime serves fp32 only)"
+            if choice == "onnx":
+                raise ValueError(f"LONGEMBED_CPU_BACKEND=onnx: {reason}")
+            return None, reason
+        m = self._m
+        try:
+            encoder = onnx_cpu.load_onnx(
+                self.module,
+                m.architecture,
+                m.config,
+                m.name,
+                m.folder,
+                m.revision,
+                self._forward_torch,
+                m.config.vocab_size,
+                m.max_tokens,
+            )
+        except onnx_cpu.OnnxUnavailable as exc:
+            if choice == "onnx":
+                raise
+            log.warning("%s stays on PyTorch on the CPU: %s", m.name, exc)
+            return None, str(exc)
+        return encoder, ""
 
     def _tokenize(self, texts: list[str], keep: int | None) -> list:
         """Encodings with character offsets. With `keep`, only a text's first `keep` tokens matter
