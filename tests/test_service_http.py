@@ -308,6 +308,7 @@ def test_health_ready_models(served):
     assert entry["id"] == NAME and entry["object"] == "model"
     assert entry["longembed"]["dim"] == 384 and entry["longembed"]["max_tokens"] == 256
     assert entry["longembed"]["prefixes"] == {"query": "", "document": ""}
+    assert entry["longembed"]["backend"] == "onnxruntime" and entry["longembed"]["backend_note"] == ""
     assert [m.id for m in client(served).models.list()] == [NAME]
     error = error_of(httpx.get(f"{served.url}/v2/nothing"), 404)
     assert "no such endpoint" in error["message"]
