@@ -264,13 +264,16 @@ def user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longembed"
 
 
-def _file_name(name: str, key: str) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-60:]}-{key}.onnx"
+def _file_name(name: str, folder: Path, key: str) -> str:
+    """`<name>-<folder hash>-<key>.onnx`: the exports of one model folder share everything but the key
+    (so a new revision replaces the old file), and two folders of one name never clash in the cache."""
+    place = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-60:]}-{place}-{key}.onnx"
 
 
 def _cached_or_exported(module: nn.Module, name: str, folder: Path, key: str) -> tuple[Path, bool]:
     """(path of a valid export, whether it was exported just now)."""
-    file_name = _file_name(name, key)
+    file_name = _file_name(name, folder, key)
     for directory in cache_dirs(folder):
         path = directory / file_name
         if path.exists():
@@ -285,6 +288,8 @@ def _cached_or_exported(module: nn.Module, name: str, folder: Path, key: str) ->
         except OSError as exc:  # read-only model folder: try the next place
             errors.append(f"{directory}: {exc}")
             continue
+        except Exception as exc:  # the exporter's own failures (an unsupported op, a > 2 GB graph)
+            raise OnnxUnavailable(f"the ONNX export failed: {type(exc).__name__}: {exc}") from None
         return path, True
     raise OnnxUnavailable("no writable place for the ONNX export: " + "; ".join(errors))
 
@@ -368,6 +373,9 @@ def check_sequences(vocab_size: int, max_tokens: int) -> list[Sequence]:
 def _agreement(
     encoder: OnnxEncoder, torch_forward: Callable[[list[Sequence]], np.ndarray], checks: list[Sequence]
 ) -> float:
-    ours = encoder.forward(checks)
+    try:
+        ours = encoder.forward(checks)
+    except Exception as exc:  # onnxruntime's own error types
+        raise OnnxUnavailable(f"ONNX Runtime cannot run the export: {exc}") from None
     reference = torch_forward(checks)
     return float((ours * reference).sum(axis=1).min())
