@@ -251,10 +251,15 @@ def queries(args) -> None:
     print("| backend | torch/ORT threads | batcher path | p50 ms | p99 ms | model alone p50 ms |")
     print("|---|---|---|---|---|---|")
     cores = os.cpu_count() or 2
+    variants = [("torch", None), ("auto", "PASSIVE"), ("auto", None)]  # ORT spinning off (as the host) / on
     for threads in sorted({max(1, cores - 1), cores}):
         torch.set_num_threads(threads)
-        for backend in ("torch", "auto"):
+        for backend, wait_policy in variants:
+            if wait_policy:  # read by onnx_cpu when it makes the session; torch read it at import
+                os.environ["OMP_WAIT_POLICY"] = wait_policy
             model = load(backend)
+            os.environ.pop("OMP_WAIT_POLICY", None)
+            spin = "" if backend == "torch" else (", no spinning" if wait_policy else ", spinning")
             assert len(model.prepare([QUERY], "full", kind="query").sequences[0].ids) == 12
             for inline in (64, 0):
                 batcher = Batcher(model.forward_batch, model.info.dim, inline_tokens=inline)
@@ -272,7 +277,7 @@ def queries(args) -> None:
                 p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
                 path = "caller's thread (inline)" if inline else "batcher thread"
                 print(
-                    f"| {model.info.backend} | {threads} | {path} | {p50:.2f} | {p99:.2f} | "
+                    f"| {model.info.backend}{spin} | {threads} | {path} | {p50:.2f} | {p99:.2f} | "
                     f"{np.median(alone) * 1000:.2f} |"
                 )
     print(f"\n({load_average()} after)")

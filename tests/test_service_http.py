@@ -394,7 +394,8 @@ def test_full_queue_answers_429_with_retry_after():
         def post(name: str, text: str) -> None:
             answers[name] = httpx.post(url, json={"input": text}, timeout=60)
 
-        first = threading.Thread(target=post, args=("running", "the batch in progress"))
+        # Over the batcher's inline_tokens: it runs on the batcher thread, not in the event loop.
+        first = threading.Thread(target=post, args=("running", "the batch in progress " * 20))
         first.start()
         assert entered.wait(10)
         second = threading.Thread(target=post, args=("queued", "eight tokens wait in the queue"))

@@ -12,7 +12,8 @@ jobs queued and the budget not yet full, the batcher waits up to `max_wait` afte
 so that requests arriving together share one pass. A small interactive job (at most `inline_tokens`)
 that finds the model idle and nothing queued runs in the caller's thread instead: no hop to the
 batcher thread and back, which costs a short query more than its forward pass on a busy machine.
-Either way one forward pass runs at a time.
+Either way one forward pass runs at a time. For HTTP the caller is the event loop, which such a pass
+holds for about as long as it takes (a few milliseconds at most for `inline_tokens` on a CPU).
 """
 
 from __future__ import annotations
