@@ -264,17 +264,20 @@ def user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longembed"
 
 
-def _file_name(name: str, folder: Path, key: str) -> str:
-    """`<name>-<folder hash>-<key>.onnx`: the exports of one model folder share everything but the key
-    (so a new revision replaces the old file), and two folders of one name never clash in the cache."""
-    place = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-60:]}-{place}-{key}.onnx"
+def _file_name(name: str, folder: Path, key: str, shared: bool) -> str:
+    """`model-<key>.onnx` beside the model (a copied or renamed folder keeps a valid export), and in the
+    shared cache `<name>-<folder hash>-<key>.onnx`, so two folders of one name never clash. A new
+    revision changes only the key: the export it replaces shares the rest of the name."""
+    if not shared:
+        return f"model-{key}.onnx"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-60:]
+    return f"{stem}-{hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:8]}-{key}.onnx"
 
 
 def _cached_or_exported(module: nn.Module, name: str, folder: Path, key: str) -> tuple[Path, bool]:
     """(path of a valid export, whether it was exported just now)."""
-    file_name = _file_name(name, folder, key)
-    for directory in cache_dirs(folder):
+    names = [_file_name(name, folder, key, shared) for shared in (False, True)]
+    for directory, file_name in zip(cache_dirs(folder), names, strict=True):
         path = directory / file_name
         if path.exists():
             problem = _integrity_problem(path)
@@ -282,7 +285,7 @@ def _cached_or_exported(module: nn.Module, name: str, folder: Path, key: str) ->
                 return path, False
             log.warning("cached ONNX export %s is unusable (%s): exporting again", path, problem)
     errors = []
-    for directory in cache_dirs(folder):
+    for directory, file_name in zip(cache_dirs(folder), names, strict=True):
         try:
             path = _export(module, directory, file_name)
         except OSError as exc:  # read-only model folder: try the next place
