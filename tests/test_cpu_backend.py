@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,11 @@ def test_export_is_reused_and_replaced_when_the_weights_change(jina, caplog):
     again = load_model(folder, device="cpu")
     assert again._onnx.path == first and first.stat().st_mtime_ns == stamp
     assert "exported" not in caplog.text  # reused, not exported again
+    copy = folder.parent / "renamed-copy"
+    shutil.copytree(folder, copy)
+    caplog.clear()
+    copied = load_model(copy, device="cpu")  # the export travels with the folder
+    assert copied._onnx.path == exports(copy)[0] and "exported" not in caplog.text
     state = write_checkpoint(folder, config, seed=1)  # new weights: a new revision
     changed = load_model(folder, device="cpu")
     [second] = exports(folder)
