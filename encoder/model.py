@@ -251,25 +251,14 @@ class EmbeddingModel:
 
     def forward_batch(self, sequences: list[Sequence]) -> np.ndarray:
         """One packed forward pass: float32 rows, one per pool span, in the order of the sequences and
-        their spans (their `outputs` indices are not used here). On the ONNX Runtime backend, sequences
-        past onnx_cpu.MAX_SEQ_TOKENS run on PyTorch; LONGEMBED_KERNELS=triton forces the kernels."""
-        if self._onnx is None or triton_kernels.backend(self.device) == "triton":
+        their spans (their `outputs` indices are not used here). With an ONNX Runtime encoder, batches
+        of at most onnx_cpu.SMALL_BATCH_TOKENS (queries) run on it and larger ones on the packed PyTorch
+        path, which was faster for bulk work in bench/RESULTS.md; LONGEMBED_KERNELS=triton forces
+        the kernels."""
+        small = sum(len(s.ids) for s in sequences) <= onnx_cpu.SMALL_BATCH_TOKENS
+        if self._onnx is None or not small or triton_kernels.backend(self.device) == "triton":
             return self._forward_torch(sequences)
-        long = [len(s.ids) > onnx_cpu.MAX_SEQ_TOKENS for s in sequences]
-        if not any(long):
-            return self._onnx.forward(sequences)
-        rows = [np.empty((len(s.pool_spans), self.info.dim), dtype=np.float32) for s in sequences]
-        for on_torch in (False, True):
-            picked = [i for i, flag in enumerate(long) if flag == on_torch]
-            if picked:
-                run = self._forward_torch if on_torch else self._onnx.forward
-                part = run([sequences[i] for i in picked])
-                k = 0
-                for i in picked:
-                    n = len(sequences[i].pool_spans)
-                    rows[i] = part[k : k + n]
-                    k += n
-        return np.concatenate(rows) if rows else np.zeros((0, self.info.dim), dtype=np.float32)
+        return self._onnx.forward(sequences)
 
     @torch.inference_mode()
     def _forward_torch(self, sequences: list[Sequence]) -> np.ndarray:

@@ -17,8 +17,9 @@ layout for attention only.
   model stays on PyTorch with the reason logged and shown in `ModelInfo.backend_note`.
 - `LONGEMBED_CPU_BACKEND`: `auto` (default: ONNX Runtime for fp32 BERT/JinaBERT on CPU when it
   imports and agrees, PyTorch otherwise), `onnx` (the same, but a failure is an error), `torch`.
-- Sequences longer than `MAX_SEQ_TOKENS` run on PyTorch: the graph materialises (batch, heads, n, n)
-  scores, where the PyTorch path bounds its ALiBi score blocks (torch_ops.py).
+- Only batches of at most `SMALL_BATCH_TOKENS` (queries, small requests) run on the session; larger
+  ones, and so every long sequence, run on the packed PyTorch path (EmbeddingModel.forward_batch),
+  which measured faster for bulk work here and never materialises (batch, heads, n, n) scores.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ BACKENDS = ("auto", "onnx", "torch")
 ARCHITECTURES = ("bert", "jina_bert")
 EXPORT_FORMAT = 2  # bump when PackedEncoder's graph changes: cached files of older formats are ignored
 OPSET = 17
-MAX_SEQ_TOKENS = 1024
+MAX_SEQ_TOKENS = 1024  # longest sequence the load-time check and the graph are meant for
+# Batches up to this many tokens run on ONNX Runtime (a query: ~3x faster than torch's op dispatch),
+# larger ones on the packed PyTorch path (~1.4x faster than this graph for bulk work, bench/RESULTS.md).
+SMALL_BATCH_TOKENS = 256
 DEFAULT_MIN_COSINE = 0.99999
 # Sequences in one session run: the shortest at least this share of the longest. Only attention is
 # padded, so a wide spread costs little (MiniLM: attention at 256 tokens is ~10 % of a token's FLOPs).

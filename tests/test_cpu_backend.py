@@ -64,7 +64,7 @@ def test_minilm_on_onnx_runtime_matches_sentence_transformers(minilm, minilm_tor
         and minilm_torch.info.backend_note == "LONGEMBED_CPU_BACKEND=torch"
     )
     texts = varied_texts(120)
-    ours = minilm.embed(texts)
+    ours = minilm.embed(texts, batch_tokens=onnx_cpu.SMALL_BATCH_TOKENS)  # every batch on ONNX Runtime
     reference = SentenceTransformer(str(minilm._m.folder), device="cpu")
     theirs = reference.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
     cosine = (ours * theirs).sum(axis=1)
@@ -72,13 +72,13 @@ def test_minilm_on_onnx_runtime_matches_sentence_transformers(minilm, minilm_tor
     # The packed PyTorch path and the ONNX graph (attention padded per group) give the same vectors.
     assert np.abs(ours - minilm_torch.embed(texts)).max() < 1e-5
     # Padding never leaks: one text at a time equals the mixed-length batch.
-    alone = np.concatenate([minilm.embed([t]) for t in texts[:20]])
+    alone = np.concatenate([minilm._onnx.forward(minilm.prepare([t], "full").sequences) for t in texts[:20]])
     assert np.abs(alone - ours[:20]).max() < 1e-5
 
 
 def test_late_chunk_spans_pool_the_same_rows(minilm, minilm_torch):
     docs = [varied_texts(40)[7] * 6, "short one"]
-    a = minilm.embed_chunks(docs, mode="late", chunk_tokens=40, overlap=8)
+    a = minilm.embed_chunks(docs, mode="late", chunk_tokens=40, overlap=8, batch_tokens=256)
     b = minilm_torch.embed_chunks(docs, mode="late", chunk_tokens=40, overlap=8)
     assert [len(d) for d in a] == [len(d) for d in b] and len(a[0]) > 1
     for x, y in zip(a, b, strict=True):
@@ -89,11 +89,14 @@ def test_jinabert_on_onnx_runtime_matches_the_reference(jina):
     folder, config, state = jina
     model = load_model(folder, device="cpu")
     assert model.info.backend == "onnxruntime"
-    long_text = "the quick brown fox jumps over the lazy dog " * 140  # > MAX_SEQ_TOKENS: on PyTorch
+    long_text = "the quick brown fox jumps over the lazy dog " * 140  # a batch of its own: on PyTorch
     texts = [*TEXTS, long_text]
-    assert model.count_tokens([long_text])[0] > onnx_cpu.MAX_SEQ_TOKENS
+    assert model.count_tokens([long_text])[0] > onnx_cpu.SMALL_BATCH_TOKENS
     reference = reference_embed(folder, state, config, texts).numpy()
-    assert np.abs(model.embed(texts) - reference).max() <= 1e-5
+    assert np.abs(model.embed(texts, batch_tokens=onnx_cpu.SMALL_BATCH_TOKENS) - reference).max() <= 1e-5
+    # The graph itself on a long sequence (padded attention, ALiBi built in the graph):
+    long_only = model._onnx.forward(model.prepare([long_text], "full").sequences)
+    assert np.abs(long_only - reference[-1:]).max() <= 1e-5
 
 
 def test_export_is_reused_and_replaced_when_the_weights_change(jina, caplog):
