@@ -6,6 +6,7 @@ Pipeline: prefix + tokenise -> sequences (whole texts, token windows, or pooling
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ import torch
 from tqdm import tqdm
 
 from longembed import triton_kernels
+from longembed.encoder import onnx_cpu
 from longembed.encoder.batching import Sequence, pack, plan_batches
 from longembed.encoder.chunking import char_span, check_mode, default_chunk_tokens, windows
 from longembed.encoder.loading import LoadedModel, load
 from longembed.encoder.profiles import KINDS, check_dimensions, profile_for, truncate_dim
+
+log = logging.getLogger(__name__)
 
 # Full mode tokenises a long text's head only: this many characters per token to keep is far more than
 # any BERT-family vocabulary needs (English averages 4-5), and a too-short head falls back to all of it.
@@ -49,6 +53,8 @@ class ModelInfo:
     dtype: str
     source: str  # loads this model again from anywhere: hub id or absolute folder (loading.py)
     matryoshka_dims: tuple[int, ...] = ()  # sizes it may be truncated to (see profiles.Profile)
+    backend: str = "torch"  # what runs the forward passes: "torch" (Triton kernels on CUDA) or "onnxruntime"
+    backend_note: str = ""  # why a CPU model is not on ONNX Runtime (onnx_cpu.py), when it is not
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class EmbeddingModel:
         self.dtype = dtype
         self.module = loaded.module.to(device=device, dtype=dtype)
         profile = profile_for(loaded.name, loaded.folder)
+        self._onnx, note = self._select_cpu_backend()
         self.info = ModelInfo(
             name=loaded.name,
             architecture=loaded.architecture,
@@ -127,6 +134,8 @@ class EmbeddingModel:
             dtype=DTYPE_NAMES[dtype],
             source=loaded.source,
             matryoshka_dims=profile.matryoshka_dims,
+            backend="onnxruntime" if self._onnx is not None else "torch",
+            backend_note=note,
         )
         self._prefix_ids: dict[str, list[int]] = {}
 
@@ -319,10 +328,19 @@ class EmbeddingModel:
         bar.close()
         return out
 
-    @torch.inference_mode()
     def forward_batch(self, sequences: list[Sequence]) -> np.ndarray:
         """One packed forward pass: float32 rows, one per pool span, in the order of the sequences and
-        their spans (their `outputs` indices are not used here)."""
+        their spans (their `outputs` indices are not used here). With an ONNX Runtime encoder, batches
+        of at most onnx_cpu.SMALL_BATCH_TOKENS (queries) run on it and larger ones on the packed PyTorch
+        path, which was faster for bulk work in bench/RESULTS.md; LONGEMBED_KERNELS=triton forces
+        the kernels."""
+        small = sum(len(s.ids) for s in sequences) <= onnx_cpu.SMALL_BATCH_TOKENS
+        if self._onnx is None or not small or triton_kernels.backend(self.device) == "triton":
+            return self._forward_torch(sequences)
+        return self._onnx.forward(sequences)
+
+    @torch.inference_mode()
+    def _forward_torch(self, sequences: list[Sequence]) -> np.ndarray:
         batch = pack(sequences, self.device)
         hidden = self.module(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         return triton_kernels.mean_pool_normalize(hidden, batch.pool_spans).float().cpu().numpy()
@@ -337,6 +355,39 @@ class EmbeddingModel:
         return [len(e.ids) for e in encodings]
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _select_cpu_backend(self) -> tuple[onnx_cpu.OnnxEncoder | None, str]:
+        """(ONNX Runtime encoder or None, why not): fp32 CPU models go on ONNX Runtime unless
+        LONGEMBED_CPU_BACKEND says torch or the export cannot be trusted (onnx_cpu.py)."""
+        if self.device.type != "cpu":
+            return None, ""
+        choice = onnx_cpu.backend_choice()
+        if choice == "torch":
+            return None, "LONGEMBED_CPU_BACKEND=torch"
+        if self.dtype != torch.float32:
+            reason = f"{DTYPE_NAMES[self.dtype]} runs on PyTorch (ONNX Runtime serves fp32 only)"
+            if choice == "onnx":
+                raise ValueError(f"LONGEMBED_CPU_BACKEND=onnx: {reason}")
+            return None, reason
+        m = self._m
+        try:
+            encoder = onnx_cpu.load_onnx(
+                self.module,
+                m.architecture,
+                m.config,
+                m.name,
+                m.folder,
+                m.revision,
+                self._forward_torch,
+                m.config.vocab_size,
+                m.max_tokens,
+            )
+        except onnx_cpu.OnnxUnavailable as exc:
+            if choice == "onnx":
+                raise
+            log.warning("%s stays on PyTorch on the CPU: %s", m.name, exc)
+            return None, str(exc)
+        return encoder, ""
 
     def _tokenize(self, texts: list[str], keep: int | None) -> list:
         """Encodings with character offsets. With `keep`, only a text's first `keep` tokens matter

@@ -12,6 +12,8 @@
 
 Read elsewhere, because the layers below the plugin do not import it: `LONGEMBED_KERNELS`
 (`auto|triton|torch`, triton_kernels/dispatch.py, read at every call so a process may switch),
+`LONGEMBED_CPU_BACKEND` and `LONGEMBED_ONNX_MIN_COSINE` (encoder/onnx_cpu.py, read at model load, which
+also reads `LONGEMBED_CACHE` for exports of read-only model folders),
 `HF_HUB_OFFLINE` (the model loader), `LONGEMBED_TEST_DSN` (the tests).
 
 `settings()` parses the environment once per distinct set of values: objects such as the embedded

@@ -53,7 +53,7 @@ def test_rows_of_a_shared_batch_equal_single_input_results(model):
     stats = []
     batcher = Batcher(gated, model.info.dim, batch_tokens=4096, on_batch=stats.append)
     try:
-        blocker = submit(batcher, model, ["holding the batcher busy"])
+        blocker = submit(batcher, model, ["holding the batcher busy"], INGESTION)  # never run inline
         assert gated.entered.wait(10)
         texts = [*MIXED_TEXTS[:14], "same length one", "same length two"]
         futures = [submit(batcher, model, [t]) for t in texts]  # queued while the first batch runs
@@ -83,7 +83,7 @@ def test_interactive_work_runs_before_queued_ingestion(model):
     gated = Gated(model)
     batcher = Batcher(gated, model.info.dim, batch_tokens=8)  # tiny budget: one sequence per batch
     try:
-        blocker = submit(batcher, model, ["busy"])
+        blocker = submit(batcher, model, ["busy"], INGESTION)  # on the batcher thread, never inline
         assert gated.entered.wait(10)
         ingestion = submit(batcher, model, ["an ingested document", "another one"], INGESTION)
         query = submit(batcher, model, ["a user's query"], INTERACTIVE)
@@ -102,7 +102,7 @@ def test_full_queue_refuses_interactive_work_with_retry_after(model):
     gated = Gated(model)
     batcher = Batcher(gated, model.info.dim, max_queued_tokens=40)
     try:
-        blocker = submit(batcher, model, ["busy"])
+        blocker = submit(batcher, model, ["busy"], INGESTION)  # on the batcher thread, never inline
         assert gated.entered.wait(10)
         first = submit(batcher, model, ["a" * 20])  # about 20 tokens: fits
         with pytest.raises(QueueFull) as info:
@@ -170,7 +170,7 @@ def test_cancelled_work_is_not_run(model):
     gated = Gated(model)
     batcher = Batcher(gated, model.info.dim)
     try:
-        blocker = submit(batcher, model, ["busy"])
+        blocker = submit(batcher, model, ["busy"], INGESTION)  # on the batcher thread, never inline
         assert gated.entered.wait(10)
         gone = submit(batcher, model, ["a client that went away"])
         kept = submit(batcher, model, ["a client still waiting"])
@@ -216,3 +216,46 @@ def test_matryoshka_dimensions_truncate_and_renormalise(model, tmp_path):
     normed = torch.nn.functional.layer_norm(torch.from_numpy(full)[None], (full.shape[0],))[0, :128]
     want = torch.nn.functional.normalize(normed, dim=0).numpy()
     assert np.abs(result.vectors[0] - want).max() < 1e-5
+
+
+def test_a_small_query_on_an_idle_model_runs_in_the_callers_thread_with_the_same_vectors(model):
+    threads = []
+
+    def forward(sequences):
+        threads.append(threading.current_thread())
+        return model.forward_batch(sequences)
+
+    queries = ["how do I reset my password", "ice cream"]
+    inline = Batcher(forward, model.info.dim)
+    queued = Batcher(forward, model.info.dim, inline_tokens=0)
+    try:
+        p = plan(model, queries, kind="query")
+        future = inline.submit(p.sequences, p.n_out)
+        assert future.done()  # computed before submit returned: no hop to the batcher thread
+        fast = future.result()
+        slow = queued.submit(p.sequences, p.n_out).result(30)
+        big = submit(inline, model, ["word " * 100])  # over inline_tokens: the batcher thread runs it
+        big.result(30)
+    finally:
+        inline.stop()
+        queued.stop()
+    assert threads[0] is threading.current_thread()
+    assert threads[1] is not threading.current_thread() and threads[2] is not threading.current_thread()
+    assert np.array_equal(fast, slow)
+    assert np.abs(fast - model.embed(queries, kind="query")).max() < 1e-6
+
+
+def test_a_small_query_waits_its_turn_while_the_model_is_busy(model):
+    gated = Gated(model)
+    batcher = Batcher(gated, model.info.dim)
+    try:
+        blocker = submit(batcher, model, ["busy"], INGESTION)
+        assert gated.entered.wait(10)
+        query = submit(batcher, model, ["a short query"])
+        assert not query.done()  # one forward pass at a time: not run beside the busy one
+        gated.gate.set()
+        assert np.abs(query.result(30) - model.embed(["a short query"])).max() < 1e-6
+        blocker.result(30)
+    finally:
+        batcher.stop()
+    assert len(gated.batches) == 2

@@ -308,6 +308,7 @@ def test_health_ready_models(served):
     assert entry["id"] == NAME and entry["object"] == "model"
     assert entry["longembed"]["dim"] == 384 and entry["longembed"]["max_tokens"] == 256
     assert entry["longembed"]["prefixes"] == {"query": "", "document": ""}
+    assert entry["longembed"]["backend"] == "onnxruntime" and entry["longembed"]["backend_note"] == ""
     assert [m.id for m in client(served).models.list()] == [NAME]
     error = error_of(httpx.get(f"{served.url}/v2/nothing"), 404)
     assert "no such endpoint" in error["message"]
@@ -393,7 +394,8 @@ def test_full_queue_answers_429_with_retry_after():
         def post(name: str, text: str) -> None:
             answers[name] = httpx.post(url, json={"input": text}, timeout=60)
 
-        first = threading.Thread(target=post, args=("running", "the batch in progress"))
+        # Over the batcher's inline_tokens: it runs on the batcher thread, not in the event loop.
+        first = threading.Thread(target=post, args=("running", "the batch in progress " * 20))
         first.start()
         assert entered.wait(10)
         second = threading.Thread(target=post, args=("queued", "eight tokens wait in the queue"))

@@ -414,6 +414,8 @@ def _model_entry(served: Any) -> dict[str, Any]:
             "revision": info.revision,
             "device": info.device,
             "dtype": info.dtype,
+            "backend": info.backend,  # onnxruntime or torch; backend_note: why not ONNX Runtime on a CPU
+            "backend_note": info.backend_note,
             "matryoshka_dims": list(info.matryoshka_dims),
             "aliases": sorted(served.aliases - {info.name}),
         },

@@ -1,0 +1,388 @@
+"""ONNX Runtime as the fp32 CPU backend of BERT and JinaBERT: exported at load time, cached, checked.
+
+Why: a session run costs far less per call than torch's op dispatch, which is most of what a short
+query pays for (3.0 vs ~8 ms for 12 tokens, bench/RESULTS.md). The PyTorch modules (bert.py,
+jina_bert.py) stay the readable
+reference: the graph is traced from them, through `PackedEncoder`, which reuses their weights and
+sub-modules: packed tokens for the projections and MLPs (no FLOP on padding), a padded (batch, seq)
+layout for attention only.
+
+- Export once per model revision and exporter/runtime versions; the file goes beside the model
+  (`<folder>/longembed-onnx/`) or, when that folder is read-only, under the cache directory
+  (`LONGEMBED_CACHE`, default `$XDG_CACHE_HOME/longembed`, `~/.cache/longembed`; as root
+  `/var/cache/longembed`), in `onnx/`. A sidecar JSON holds the file's sha256: a corrupt file is
+  detected and exported again.
+- Every load runs a few sequences through both paths; the session is used only if every pooled vector
+  agrees with the PyTorch forward (cosine >= `LONGEMBED_ONNX_MIN_COSINE`, default 0.99999), else the
+  model stays on PyTorch with the reason logged and shown in `ModelInfo.backend_note`.
+- `LONGEMBED_CPU_BACKEND`: `auto` (default: ONNX Runtime for fp32 BERT/JinaBERT on CPU when it
+  imports and agrees, PyTorch otherwise), `onnx` (the same, but a failure is an error), `torch`.
+- Only batches of at most `SMALL_BATCH_TOKENS` (queries, small requests) run on the session; larger
+  ones, and so every long sequence, run on the packed PyTorch path (EmbeddingModel.forward_batch),
+  which measured faster for bulk work here and never materialises (batch, heads, n, n) scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from longembed.encoder.batching import Sequence
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnx", "torch")
+ARCHITECTURES = ("bert", "jina_bert")
+EXPORT_FORMAT = 2  # bump when PackedEncoder's graph changes: cached files of older formats are ignored
+OPSET = 17
+MAX_SEQ_TOKENS = 1024  # longest sequence the load-time check and the graph are meant for
+# Batches up to this many tokens run on ONNX Runtime (a query: ~3x faster than torch's op dispatch),
+# larger ones on the packed PyTorch path (~1.4x faster than this graph for bulk work, bench/RESULTS.md).
+SMALL_BATCH_TOKENS = 256
+DEFAULT_MIN_COSINE = 0.99999
+# Sequences in one session run: the shortest at least this share of the longest. Only attention is
+# padded, so a wide spread costs little (MiniLM: attention at 256 tokens is ~10 % of a token's FLOPs).
+GROUP_RATIO = 0.5
+INPUTS = ("input_ids", "position_ids", "pad_index", "attention_mask", "unpad_index")
+DYNAMIC_AXES = {
+    "input_ids": {0: "tokens"},
+    "position_ids": {0: "tokens"},
+    "pad_index": {0: "batch", 1: "seq"},
+    "attention_mask": {0: "batch", 1: "seq"},
+    "unpad_index": {0: "tokens"},
+}
+_MASKED = -1e9  # added to the scores of padding keys: exp() underflows to exactly 0
+
+
+class OnnxUnavailable(RuntimeError):
+    """The ONNX Runtime backend cannot serve this model; the message says why."""
+
+
+def backend_choice() -> str:
+    choice = (os.environ.get("LONGEMBED_CPU_BACKEND") or "auto").lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"LONGEMBED_CPU_BACKEND must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    return choice
+
+
+def min_cosine() -> float:
+    value = os.environ.get("LONGEMBED_ONNX_MIN_COSINE") or str(DEFAULT_MIN_COSINE)
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"LONGEMBED_ONNX_MIN_COSINE must be a number, got {value!r}") from None
+
+
+class PackedEncoder(nn.Module):
+    """The model's forward for export: the same sub-modules and weights as the packed forward, with the
+    tokens packed (no padding) for the embeddings, projections and MLPs, and gathered into a padded
+    (batch, seq) layout for attention only (ONNX has no varlen attention on CPU); ALiBi (JinaBERT)
+    is built inside the graph from the padded length.
+
+    Inputs: input_ids, position_ids (T,); pad_index (B, n): the packed row of each padded slot (any
+    row for padding); attention_mask (B, n) 0/1; unpad_index (T,): the padded slot of each row.
+    Output: hidden (T, hidden)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.model = module
+        slopes = getattr(module, "slopes", None)
+        self.alibi = slopes is not None
+        if self.alibi:
+            self.register_buffer("neg_slopes", -slopes.float().view(1, -1, 1, 1), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        pad_index: torch.Tensor,
+        attention_mask: torch.Tensor,
+        unpad_index: torch.Tensor,
+    ) -> torch.Tensor:
+        m = self.model
+        batch, n = pad_index.shape
+        x = m.word_embeddings(input_ids) + m.token_type_embeddings.weight[0]
+        if not self.alibi:
+            x = x + m.position_embeddings(position_ids)
+        x = m.embedding_norm(x)  # (T, hidden)
+        bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * _MASKED  # (B, 1, 1, n)
+        if self.alibi:
+            pos = torch.arange(n, device=x.device)
+            bias = bias + self.neg_slopes * (pos[:, None] - pos[None, :]).abs().to(x.dtype)
+        hidden = x.shape[-1]
+        for layer in m.layers:
+            att = layer.attention
+            head_dim = hidden // att.heads
+            qkv = att.qkv(x)[pad_index]  # (B, n, 3 * hidden)
+            qkv = qkv.view(batch, n, 3, att.heads, head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, n, head_dim)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * (head_dim**-0.5) + bias
+            ctx = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(batch * n, hidden)
+            x = att.norm(att.dense(ctx[unpad_index]) + x)
+            x = layer.mlp(x)
+        return x
+
+
+class OnnxEncoder:
+    """One ONNX Runtime session: packed `Sequence`s in, pooled L2-normalised rows out."""
+
+    def __init__(self, session, path: Path) -> None:
+        self.session = session
+        self.path = path
+        self._inputs = {i.name for i in session.get_inputs()}  # the exporter drops unused ones
+
+    def forward(self, sequences: list[Sequence]) -> np.ndarray:
+        """Rows per pool span, in the order of the sequences and their spans (as forward_batch)."""
+        starts = np.cumsum([0] + [len(s.pool_spans) for s in sequences])
+        out: np.ndarray | None = None
+        for group in attention_groups([len(s.ids) for s in sequences]):
+            feed, offsets = self._feed([sequences[i] for i in group])
+            (hidden,) = self.session.run(None, {k: v for k, v in feed.items() if k in self._inputs})
+            if out is None:
+                out = np.empty((int(starts[-1]), hidden.shape[-1]), dtype=np.float32)
+            for i, offset in zip(group, offsets, strict=True):
+                for j, (a, b) in enumerate(sequences[i].pool_spans):
+                    out[starts[i] + j] = _mean_normalise(hidden[offset + a : offset + b])
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+    @staticmethod
+    def _feed(sequences: list[Sequence]) -> tuple[dict[str, np.ndarray], list[int]]:
+        lengths = [len(s.ids) for s in sequences]
+        n = max(lengths)
+        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+        slots = np.arange(n, dtype=np.int64)
+        valid = slots[None, :] < np.asarray(lengths)[:, None]  # (B, n)
+        pad_index = np.where(valid, offsets[:, None] + slots[None, :], 0)
+        unpad_index = (np.arange(len(lengths), dtype=np.int64)[:, None] * n + slots[None, :])[valid]
+        feed = {
+            "input_ids": np.fromiter((t for s in sequences for t in s.ids), np.int64, sum(lengths)),
+            "position_ids": np.concatenate([slots[:k] for k in lengths]),
+            "pad_index": pad_index,
+            "attention_mask": valid.astype(np.int64),
+            "unpad_index": unpad_index,
+        }
+        return feed, offsets.tolist()
+
+
+def attention_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices in groups that share one session run, longest first: a group's shortest is at least
+    GROUP_RATIO of its longest (attention is padded to the longest; projections are not padded)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] >= GROUP_RATIO * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _mean_normalise(rows: np.ndarray) -> np.ndarray:
+    mean = rows.mean(axis=0, dtype=np.float64)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def load_onnx(
+    module: nn.Module,
+    architecture: str,
+    config: object,
+    name: str,
+    folder: Path,
+    revision: str,
+    torch_forward: Callable[[list[Sequence]], np.ndarray],
+    vocab_size: int,
+    max_tokens: int,
+) -> OnnxEncoder:
+    """The model's ONNX Runtime encoder: from the cache when a valid file is there, else exported now;
+    checked against `torch_forward` either way. Raises OnnxUnavailable with the reason."""
+    if architecture not in ARCHITECTURES:
+        raise OnnxUnavailable(f"architecture {architecture!r} has no ONNX export (only {ARCHITECTURES})")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise OnnxUnavailable(f"onnxruntime does not import ({exc})") from None
+    key = cache_key(architecture, config, revision)
+    path, fresh = _cached_or_exported(module, name, folder, key)
+    checks = check_sequences(vocab_size, min(max_tokens, MAX_SEQ_TOKENS))
+    encoder = OnnxEncoder(_session(path.read_bytes()), path)
+    worst = _agreement(encoder, torch_forward, checks)
+    if worst < min_cosine() and not fresh:  # a cached file that gives other vectors: export again
+        log.warning(
+            "cached ONNX export %s disagrees with PyTorch (cosine %.7f): exporting again",
+            path,
+            worst,
+        )
+        path = _export(module, path.parent, path.name)
+        encoder = OnnxEncoder(_session(path.read_bytes()), path)
+        worst = _agreement(encoder, torch_forward, checks)
+    if worst < min_cosine():
+        raise OnnxUnavailable(
+            f"the ONNX export disagrees with the PyTorch forward (cosine {worst:.7f} < {min_cosine()})"
+        )
+    return encoder
+
+
+def cache_key(architecture: str, config: object, revision: str) -> str:
+    import onnx
+    import onnxruntime
+
+    parts = {
+        "revision": revision,
+        "architecture": architecture,
+        "config": asdict(config),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "format": EXPORT_FORMAT,
+        "opset": OPSET,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dirs(folder: Path) -> list[Path]:
+    """Where exports may live, in order: beside the model, then the user's cache directory."""
+    return [folder / "longembed-onnx", user_cache() / "onnx"]
+
+
+def user_cache() -> Path:
+    """LONGEMBED_CACHE as plugin/settings.py reads it (the encoder does not import the plugin)."""
+    if os.environ.get("LONGEMBED_CACHE"):
+        return Path(os.environ["LONGEMBED_CACHE"]).expanduser().absolute()
+    if os.geteuid() == 0:
+        return Path("/var/cache/longembed")
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longembed"
+
+
+def _file_name(name: str, folder: Path, key: str, shared: bool) -> str:
+    """`model-<key>.onnx` beside the model (a copied or renamed folder keeps a valid export), and in the
+    shared cache `<name>-<folder hash>-<key>.onnx`, so two folders of one name never clash. A new
+    revision changes only the key: the export it replaces shares the rest of the name."""
+    if not shared:
+        return f"model-{key}.onnx"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-60:]
+    return f"{stem}-{hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:8]}-{key}.onnx"
+
+
+def _cached_or_exported(module: nn.Module, name: str, folder: Path, key: str) -> tuple[Path, bool]:
+    """(path of a valid export, whether it was exported just now)."""
+    names = [_file_name(name, folder, key, shared) for shared in (False, True)]
+    for directory, file_name in zip(cache_dirs(folder), names, strict=True):
+        path = directory / file_name
+        if path.exists():
+            problem = _integrity_problem(path)
+            if problem is None:
+                return path, False
+            log.warning("cached ONNX export %s is unusable (%s): exporting again", path, problem)
+    errors = []
+    for directory, file_name in zip(cache_dirs(folder), names, strict=True):
+        try:
+            path = _export(module, directory, file_name)
+        except OSError as exc:  # read-only model folder: try the next place
+            errors.append(f"{directory}: {exc}")
+            continue
+        except Exception as exc:  # the exporter's own failures (an unsupported op, a > 2 GB graph)
+            raise OnnxUnavailable(f"the ONNX export failed: {type(exc).__name__}: {exc}") from None
+        return path, True
+    raise OnnxUnavailable("no writable place for the ONNX export: " + "; ".join(errors))
+
+
+def _integrity_problem(path: Path) -> str | None:
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (OSError, ValueError) as exc:
+        return f"unreadable: {exc}"
+    if meta.get("sha256") != digest:
+        return "its sha256 does not match the one recorded at export"
+    return None
+
+
+def _export(module: nn.Module, directory: Path, file_name: str) -> Path:
+    """Export into `directory` atomically (temporary file + rename), with its sidecar; stale exports
+    of the same model there (another revision or version) are removed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = file_name.rsplit("-", 1)[0]
+    two = [Sequence([101, 2023, 2003, 102], [], []), Sequence([101, 7592, 102], [], [])]
+    feed, _ = OnnxEncoder._feed(two)
+    example = tuple(torch.from_numpy(feed[name]) for name in INPUTS)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=directory)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+            torch.onnx.export(
+                PackedEncoder(module).eval(),
+                example,
+                tmp,
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=list(INPUTS),
+                output_names=["hidden"],
+                dynamic_axes={**DYNAMIC_AXES, "hidden": {0: "tokens"}},
+            )
+        path = directory / file_name
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    sidecar = path.with_suffix(".json")
+    sidecar.with_suffix(".json.tmp").write_text(json.dumps({"sha256": digest}))
+    os.replace(sidecar.with_suffix(".json.tmp"), sidecar)
+    for stale in directory.glob(f"{prefix}-*"):
+        if stale.stem != path.stem:
+            stale.unlink(missing_ok=True)
+    log.info("exported %s for ONNX Runtime", path)
+    return path
+
+
+def _session(model: bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()  # the encoder's thread count
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        # As torch's OpenMP threads in the host: idle threads sleep instead of spinning (shared cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for invalid models
+        raise OnnxUnavailable(f"ONNX Runtime cannot load the export: {exc}") from None
+
+
+def check_sequences(vocab_size: int, max_tokens: int) -> list[Sequence]:
+    """A few deterministic sequences of mixed lengths (padding and several groups exercised)."""
+    rng = np.random.default_rng(0)
+    lengths = sorted({min(n, max_tokens) for n in (3, 9, 10, 37, 130)}, reverse=True)
+    low = min(1000, vocab_size // 2)
+    seqs = [rng.integers(low, vocab_size, size=n).tolist() for n in lengths]
+    return [Sequence(ids, [(0, len(ids))], [i]) for i, ids in enumerate(seqs)]
+
+
+def _agreement(
+    encoder: OnnxEncoder, torch_forward: Callable[[list[Sequence]], np.ndarray], checks: list[Sequence]
+) -> float:
+    try:
+        ours = encoder.forward(checks)
+    except Exception as exc:  # onnxruntime's own error types
+        raise OnnxUnavailable(f"ONNX Runtime cannot run the export: {exc}") from None
+    reference = torch_forward(checks)
+    return float((ours * reference).sum(axis=1).min())
