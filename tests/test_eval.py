@@ -79,6 +79,8 @@ def test_eval_scores_an_easy_set_perfectly_and_python_equals_sql(beir, dsn, tmp_
     assert result["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert result["collection"]["chunk_tokens"] == 64
     assert set(result["modes"]) == {"dense", "chunks", "lexical", "hybrid", "auto"}
+    chosen = result["collection"]["auto_fusion"]  # the report says what auto searched with
+    assert chosen["basis"] in ("statistics", "pseudo-queries") and chosen["weights"]
     for scores in result["modes"].values():
         for metric in ("ndcg@10", "recall@10", "mrr@10"):
             assert 0.0 <= scores[metric] <= 1.0

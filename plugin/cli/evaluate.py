@@ -20,6 +20,7 @@ import psycopg
 
 from longembed.plugin import db
 from longembed.plugin.cli import data, errors, options
+from longembed.plugin.store.collections import drop_collection, get_collection
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -92,6 +93,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         try:
             problems, failed = _ingest(conn, collection, dataset, settings, started, args, progress)
             data._calibrate_if_due(conn, name)
+            collection = get_collection(conn, name)  # with what auto chose, for the report
             fresh = (lambda: data._connect(args)) if args.via == "sql" else None
             results = runner.evaluate(
                 conn,
@@ -116,6 +118,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"via {args.via}"
         )
         print(runner.table(results, args.k))
+        if "auto" in modes and collection.auto_fusion:
+            chosen = {k: collection.auto_fusion.get(k) for k in ("weights", "fusion", "basis")}
+            print(f"auto chose: {json.dumps(chosen)}")
     return errors.FAILURE if dataset.skipped or problems or failed else errors.OK
 
 
@@ -153,8 +158,6 @@ def _ingest(conn, collection, dataset, settings: dict, started, args, progress: 
 
 
 def _drop_unless_kept(conn: psycopg.Connection, name: str, keep: bool) -> None:
-    from longembed.plugin.store.collections import drop_collection
-
     if keep:
         print(f"kept collection {name}", file=sys.stderr)
         return
