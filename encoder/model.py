@@ -56,6 +56,13 @@ class ModelInfo:
     backend: str = "torch"  # what runs the forward passes: "torch" (Triton kernels on CUDA) or "onnxruntime"
     backend_note: str = ""  # why a CPU model is not on ONNX Runtime (onnx_cpu.py), when it is not
 
+    def sized(self, vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+        """`vectors` cut to `dimensions` by the Matryoshka recipe (profiles.truncate_dim); None or the
+        model's own size leave them as they are."""
+        if dimensions is None or dimensions == self.dim:
+            return vectors
+        return truncate_dim(vectors, dimensions, self.matryoshka_dims)
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -190,8 +197,7 @@ class EmbeddingModel:
         check_dimensions(dimensions, self.info.dim, self.info.matryoshka_dims, self.info.name)
         plan = self.prepare(texts, mode, chunk_tokens, overlap, kind, instruction)
         rows = self.run_sequences(plan.sequences, plan.n_out, batch_tokens, progress)
-        if dimensions is not None and dimensions != self.info.dim:
-            rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
+        rows = self.info.sized(rows, dimensions)
         return plan.assemble(rows)
 
     def embed_documents(
@@ -211,8 +217,7 @@ class EmbeddingModel:
         check_dimensions(dimensions, self.info.dim, self.info.matryoshka_dims, self.info.name)
         plan = self.prepare(texts, mode, chunk_tokens, overlap, kind, instruction, head=True)
         rows = self.run_sequences(plan.sequences, plan.n_out, batch_tokens, progress)
-        if dimensions is not None and dimensions != self.info.dim:
-            rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
+        rows = self.info.sized(rows, dimensions)
         return plan.documents(rows)
 
     def prepare(

@@ -134,29 +134,29 @@ class Batcher:
                 and not self._heap
                 and not self._running
             )
-            if inline:
-                self._running = True
-        if inline:
-            self._run_inline(job, sequences)
-            return job.future
-        with self._cond:
-            if self._stopping:
-                raise BatcherStopped("the model host is shutting down")
-            queued = self._queued_tokens[INTERACTIVE]
-            if priority == INTERACTIVE and queued and queued + n_tokens > self.max_queued_tokens:
-                raise QueueFull(
-                    f"the queue is full ({queued} tokens waiting, limit {self.max_queued_tokens})",
-                    retry_after=max(1.0, queued * self._seconds_per_token),
-                )
-            arrival = next(self._arrivals)
-            now = time.monotonic()
-            for seq in sequences:
-                entry = (priority, arrival, -len(seq.ids), next(self._entries), job, seq, now)
-                heapq.heappush(self._heap, entry)
-            self._queued_tokens[priority] += n_tokens
-            self._jobs_queued += 1
-            self._cond.notify()
+            if not inline:
+                self._enqueue(job, sequences, priority, n_tokens)
+                return job.future
+            self._running = True
+        self._run_inline(job, sequences)
         return job.future
+
+    def _enqueue(self, job: _Job, sequences: list[Sequence], priority: int, n_tokens: int) -> None:
+        """Queue the job's sequences for the batcher thread; the caller holds the lock."""
+        queued = self._queued_tokens[INTERACTIVE]
+        if priority == INTERACTIVE and queued and queued + n_tokens > self.max_queued_tokens:
+            raise QueueFull(
+                f"the queue is full ({queued} tokens waiting, limit {self.max_queued_tokens})",
+                retry_after=max(1.0, queued * self._seconds_per_token),
+            )
+        arrival = next(self._arrivals)
+        now = time.monotonic()
+        for seq in sequences:
+            entry = (priority, arrival, -len(seq.ids), next(self._entries), job, seq, now)
+            heapq.heappush(self._heap, entry)
+        self._queued_tokens[priority] += n_tokens
+        self._jobs_queued += 1
+        self._cond.notify()
 
     def _run_inline(self, job: _Job, sequences: list[Sequence]) -> None:
         try:

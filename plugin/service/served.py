@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from longembed.encoder.profiles import check_dimensions, truncate_dim
+from longembed.encoder.profiles import check_dimensions
 from longembed.plugin.service.batcher import INGESTION, Batcher
 from longembed.plugin.service.errors import invalid
 
@@ -71,8 +71,7 @@ class ServedModel:
         else:
             vectors = np.stack([doc[0].vector for doc in chunks])
         truncated = [i for i, doc in enumerate(chunks) if doc[0].truncated]
-        if dimensions is not None and dimensions != self.info.dim:
-            vectors = truncate_dim(vectors, dimensions, self.info.matryoshka_dims)  # Nomic's recipe
+        vectors = self.info.sized(vectors, dimensions)  # Nomic's recipe
         return Embedded(vectors.astype(np.float32, copy=False), list(plan.n_tokens), truncated)
 
     def check_dimensions(self, dimensions: int | None) -> None:
@@ -114,8 +113,7 @@ class BatchedModel:
         check_dimensions(dimensions, self.info.dim, self.info.matryoshka_dims, self.info.name)
         plan = self._served.model.prepare(texts, mode, chunk_tokens, overlap, kind, instruction)
         rows = self._served.batcher.submit(plan.sequences, plan.n_out, self._priority).result()
-        if dimensions is not None and dimensions != self.info.dim:
-            rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
+        rows = self.info.sized(rows, dimensions)
         return plan.assemble(rows)
 
     def embed_documents(
@@ -134,8 +132,7 @@ class BatchedModel:
         check_dimensions(dimensions, self.info.dim, self.info.matryoshka_dims, self.info.name)
         plan = self._served.model.prepare(texts, mode, chunk_tokens, overlap, kind, instruction, head=True)
         rows = self._served.batcher.submit(plan.sequences, plan.n_out, self._priority).result()
-        if dimensions is not None and dimensions != self.info.dim:
-            rows = truncate_dim(rows, dimensions, self.info.matryoshka_dims)
+        rows = self.info.sized(rows, dimensions)
         return plan.documents(rows)
 
     def count_tokens(self, texts: Seq[str]) -> list[int]:
