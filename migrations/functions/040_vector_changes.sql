@@ -38,6 +38,39 @@ BEGIN
 END;
 $$;
 
+-- Document-row changes that leave the chunks alone (metadata replaced, external id changed, a new text
+-- waiting for the worker, which search_vector already shows through the old chunks' spans): the fast
+-- path holds those rows too (plugin/service/ann.py). Logged as (chunks_<collection id>, document id,
+-- ordinal -1) for the collection's table, old and new when a document moves, only while it has a
+-- consumer. A row trigger whose column list and WHEN skip the updates that touch none of these (the
+-- worker's status updates) without a call; inserts need nothing (a document without chunks is in no
+-- result), deletes cascade to the chunks, whose own triggers log them.
+CREATE OR REPLACE FUNCTION longembed.log_document_changes()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_source text;
+BEGIN
+    FOR v_source IN SELECT DISTINCT s FROM unnest(ARRAY['chunks_' || OLD.collection_id,
+                                                        'chunks_' || NEW.collection_id]) AS s LOOP
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM longembed.vector_consumers WHERE source = v_source);
+        INSERT INTO longembed.vector_changes (source, document_id, ordinal) VALUES (v_source, NEW.id, -1);
+        PERFORM pg_notify('longembed_vector_changes', v_source);
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER vector_changes_documents
+    AFTER UPDATE OF external_id, text, metadata, collection_id ON longembed.documents
+    FOR EACH ROW
+    WHEN (OLD.external_id IS DISTINCT FROM NEW.external_id OR OLD.text IS DISTINCT FROM NEW.text
+          OR OLD.metadata IS DISTINCT FROM NEW.metadata OR OLD.collection_id IS DISTINCT FROM NEW.collection_id)
+    EXECUTE FUNCTION longembed.log_document_changes();
+
 -- Install the three triggers on longembed.<p_table>; idempotent (a rerun touches no table).
 CREATE OR REPLACE FUNCTION longembed.track_vector_changes(p_table text)
 RETURNS void

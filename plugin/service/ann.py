@@ -9,8 +9,18 @@ transaction commits later is still read (see 0006_vector_changes.sql). `save` wr
 labels and its mark under the host's directory (0700), then lets PostgreSQL prune the log below it;
 `load` takes it back after a restart and the next `sync` catches up.
 
+Rows: beside the vectors the index holds what a search result needs, so an unfiltered search answers
+without PostgreSQL: per chunk its char span, snippet (computed by PostgreSQL, as search_vector computes
+it) and truncated flag; per document (one with chunks) its external id and metadata (jsonb's text).
+They are read under the same snapshots as the vectors. The chunk table's log names changed chunks; a
+trigger on longembed.documents logs (document_id, DOCUMENT_ORDINAL) when a row's external id, text,
+metadata or collection changes without its chunks (a metadata update, a text waiting for the worker).
+`sync` then reads every touched document whole (its row and all its chunks' rows), so a document's rows
+always come from one snapshot, and applies the documents' changes whole under the lock.
+
 Labels: a chunk (document_id, ordinal) is the hnswlib label document_id * 2**24 + ordinal.
-Thread safety: one lock around hnswlib calls (resize and concurrent writes are not safe in hnswlib).
+Thread safety: one lock around hnswlib calls and the rows (resize and concurrent writes are not safe in
+hnswlib; a search reads labels, vectors and rows under one hold, so they agree).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import psycopg
 from psycopg import sql
 
 from longembed.plugin.store.collections import Collection
+from longembed.plugin.store.search import SNIPPET_CHARS, SearchResult
 
 if TYPE_CHECKING:
     import hnswlib
@@ -39,9 +50,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ORDINAL_BITS = 24
+DOCUMENT_ORDINAL = -1  # the log's key of a document-row change (040_vector_changes.sql)
 APPLY_BATCH = 2048  # rows applied per hold of the lock, so searches interleave with a long catch-up
+SETTLE_S = 0.05  # poll interval while waiting for transactions older than a registration
 SPACES = {"cosine": "cosine", "l2": "l2", "ip": "ip"}
-FORMAT = 1  # of the saved files
+FORMAT = 2  # of the saved files (2: with the rows)
 
 PENDING_SQL = """
 SELECT count(*), coalesce(max(seq), 0), coalesce(extract(epoch FROM clock_timestamp() - min(changed_at)), 0)
@@ -49,6 +62,21 @@ SELECT count(*), coalesce(max(seq), 0), coalesce(extract(epoch FROM clock_timest
  WHERE source = %(source)s AND xid >= pg_snapshot_xmin(%(mark)s::pg_snapshot)
    AND NOT pg_visible_in_snapshot(xid, %(mark)s::pg_snapshot)
 """
+CHANGED_SQL = """
+SELECT document_id, ordinal, max(seq) FROM longembed.vector_changes
+ WHERE source = %(source)s AND xid >= pg_snapshot_xmin(%(mark)s::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(xid, %(mark)s::pg_snapshot)
+ GROUP BY document_id, ordinal
+"""
+# The snippet exactly as longembed.search_vector computes it (015_search.sql).
+SNIPPET = sql.SQL("substr(d.text, c.char_start + 1, least(c.char_end - c.char_start, {}))").format(
+    sql.Literal(SNIPPET_CHARS)
+)
+
+# What a chunk's label holds: (char_start, char_end, snippet, truncated); a document's: (external_id,
+# metadata as jsonb's text, parsed per result so callers never share the cached object).
+ChunkRow = tuple[int, int, str, bool]
+DocumentRow = tuple[str, str]
 
 
 class Rebuild(RuntimeError):
@@ -72,6 +100,16 @@ class Staleness:
     seconds: float  # age of the oldest pending change (0 when nothing is pending)
 
 
+@dataclass
+class _Changes:
+    """What one sync read: per touched document, its changed chunk vectors (None: gone), its row (None:
+    gone) and all its chunks' rows now."""
+
+    vectors: dict[int, dict[int, np.ndarray | None]]
+    documents: dict[int, DocumentRow | None]
+    chunks: dict[int, dict[int, ChunkRow]]
+
+
 class CollectionIndex:
     def __init__(self, collection: Collection, root: Path) -> None:
         self.collection = collection
@@ -84,18 +122,24 @@ class CollectionIndex:
         self.consumer = f"{socket.gethostname()}:{self.dir}"
         self.lock = threading.Lock()
         self.index: hnswlib.Index | None = None
-        self.live: set[int] = set()
+        self.rows: dict[int, ChunkRow] = {}  # label -> chunk row; its keys are the live labels
+        self.documents: dict[int, DocumentRow] = {}  # document id -> row, for documents with chunks
         self.mark: str | None = None  # pg_snapshot (text) the index is complete for
         self.applied_seq = 0
         self.dirty = False
         self.saved_at = 0.0  # time.monotonic() of the last save
         self.loaded = False  # taken from disk (then caught up), not built
 
+    @property
+    def live(self):  # the labels in the index (a view: no copy)
+        return self.rows.keys()
+
     # -- from PostgreSQL -----------------------------------------------------------------------
 
     def build(self, conn: psycopg.Connection) -> None:
         """Register as a consumer, then read the whole table under one snapshot and index it."""
         conn.execute("SELECT longembed.register_vector_consumer(%s, %s)", (self.source, self.consumer))
+        _settle(conn)
         t0 = time.perf_counter()
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -104,93 +148,147 @@ class CollectionIndex:
                 "FROM longembed.vector_changes WHERE source = %s)",
                 (self.source,),
             ).fetchone()
-            labels, vectors = self._read(conn, None)
+            labels, vectors, rows, documents = self._read_all(conn)
         index = self._new_index(max(len(labels), 1024))
         if len(labels):
             index.add_items(vectors, labels)
         with self.lock:
-            self.index, self.live, self.mark, self.applied_seq = index, set(labels.tolist()), mark, seq
+            self.index, self.rows, self.documents = index, rows, documents
+            self.mark, self.applied_seq = mark, seq
             self.dirty = True
         log.info(
             "hnsw %s: built %d vectors in %.1fs", self.collection.name, len(labels), time.perf_counter() - t0
         )
 
     def sync(self, conn: psycopg.Connection) -> int:
-        """Apply the changes committed since the mark; returns how many rows were applied."""
+        """Apply the changes committed since the mark; returns how many logged keys were applied."""
         assert self.mark is not None
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             mark = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
-            labels, vectors, seq = self._read(conn, self.mark)
-        if len(labels) or seq:
-            self._apply(labels, vectors)
+            keys = conn.execute(CHANGED_SQL, {"source": self.source, "mark": self.mark}).fetchall()
+            changes = self._read_changes(conn, keys) if keys else None
+        if changes is not None:
+            self._apply(changes)
         with self.lock:
             self.mark = mark
-            self.applied_seq = max(self.applied_seq, seq)
-            self.dirty = self.dirty or len(labels) > 0
-        return len(labels)
+            self.applied_seq = max(self.applied_seq, max((s for *_, s in keys), default=0))
+            self.dirty = self.dirty or bool(keys)
+        return len(keys)
 
-    def _read(self, conn: psycopg.Connection, mark: str | None) -> tuple:
-        """Rows of the table: all (mark None: labels, vectors), or the changed keys since `mark`
-        (labels, vectors with None for a deleted row, highest seq read)."""
+    def _read_all(self, conn: psycopg.Connection) -> tuple:
+        """Every chunk (labels, vectors, rows) and the rows of the documents that have chunks."""
         table = sql.Identifier("longembed", self.source)
         with conn.cursor(binary=True) as cur:
-            if mark is None:
-                cur.execute(sql.SQL("SELECT document_id, ordinal, embedding FROM {}").format(table))
-                rows = cur.fetchall()
-                labels = np.fromiter((label_of(d, o) for d, o, _ in rows), dtype=np.uint64, count=len(rows))
-                empty = np.empty((0, self.collection.dim))
-                vectors = np.stack([v.to_numpy() for _, _, v in rows]) if rows else empty
-                return labels, vectors.astype(np.float32, copy=False)
             cur.execute(
                 sql.SQL(
-                    """SELECT ch.document_id, ch.ordinal, c.embedding, ch.seq
-                         FROM (SELECT document_id, ordinal, max(seq) AS seq FROM longembed.vector_changes
-                                WHERE source = %(source)s
-                                  AND xid >= pg_snapshot_xmin(%(mark)s::pg_snapshot)
-                                  AND NOT pg_visible_in_snapshot(xid, %(mark)s::pg_snapshot)
-                                GROUP BY document_id, ordinal) ch
-                         LEFT JOIN {} c ON c.document_id = ch.document_id AND c.ordinal = ch.ordinal"""
-                ).format(table),
-                {"source": self.source, "mark": mark},
+                    "SELECT c.document_id, c.ordinal, c.embedding, c.char_start, c.char_end, {snippet}, "
+                    "c.truncated FROM {table} c JOIN longembed.documents d ON d.id = c.document_id"
+                ).format(snippet=SNIPPET, table=table)
             )
-            rows = cur.fetchall()
-        labels = [label_of(d, o) for d, o, _, _ in rows]
-        vectors = [None if v is None else v.to_numpy() for _, _, v, _ in rows]
-        return labels, vectors, max((s for *_, s in rows), default=0)
+            found = cur.fetchall()
+            cur.execute(
+                sql.SQL(
+                    "SELECT d.id, d.external_id, d.metadata::text FROM longembed.documents d "
+                    "WHERE d.id IN (SELECT document_id FROM {table})"
+                ).format(table=table)
+            )
+            documents = {d: (ext, meta) for d, ext, meta in cur}
+        labels = np.fromiter((label_of(r[0], r[1]) for r in found), dtype=np.uint64, count=len(found))
+        empty = np.empty((0, self.collection.dim))
+        vectors = np.stack([r[2].to_numpy() for r in found]) if found else empty
+        rows = {int(label): r[3:] for label, r in zip(labels, found, strict=True)}
+        return labels, vectors.astype(np.float32, copy=False), rows, documents
 
-    def _apply(self, labels: list[int], vectors: list) -> None:
-        for start in range(0, len(labels), APPLY_BATCH):
-            part = list(
-                zip(labels[start : start + APPLY_BATCH], vectors[start : start + APPLY_BATCH], strict=True)
+    def _read_changes(self, conn: psycopg.Connection, keys: list[tuple]) -> _Changes:
+        """The logged chunks' vectors and, whole, every document the log touched (in the caller's
+        snapshot)."""
+        table = sql.Identifier("longembed", self.source)
+        touched = sorted({d for d, _, _ in keys})
+        chunk_keys = [(d, o) for d, o, _ in keys if o != DOCUMENT_ORDINAL]
+        changes = _Changes({d: {} for d in touched}, dict.fromkeys(touched), {d: {} for d in touched})
+        with conn.cursor(binary=True) as cur:
+            if chunk_keys:
+                cur.execute(
+                    sql.SQL(
+                        """SELECT u.document_id, u.ordinal, c.embedding
+                             FROM unnest(%s::bigint[], %s::integer[]) AS u(document_id, ordinal)
+                             LEFT JOIN {} c ON c.document_id = u.document_id AND c.ordinal = u.ordinal"""
+                    ).format(table),
+                    ([d for d, _ in chunk_keys], [o for _, o in chunk_keys]),
+                )
+                for d, o, v in cur:
+                    changes.vectors[d][label_of(d, o)] = None if v is None else v.to_numpy()
+            cur.execute(
+                "SELECT id, external_id, metadata::text FROM longembed.documents WHERE id = ANY(%s)",
+                (touched,),
             )
-            with self.lock:
-                assert self.index is not None
-                index = self.index
-                gone = [label for label, v in part if v is None and label in self.live]
-                for label in gone:
-                    index.mark_deleted(label)
-                self.live.difference_update(gone)
-                update = [(label, v) for label, v in part if v is not None and label in self.live]
-                fresh = []
-                for label, v in part:
-                    if v is None or label in self.live:
-                        continue
-                    try:  # a deleted label still in the graph: bring it back and overwrite it
-                        index.unmark_deleted(label)
-                        update.append((label, v))
-                    except RuntimeError:
-                        fresh.append((label, v))
-                if update:
-                    index.add_items(np.stack([v for _, v in update]), [label for label, _ in update])
-                if fresh:
-                    needed = index.get_current_count() + len(fresh)
-                    if needed > index.get_max_elements():
-                        index.resize_index(max(needed, 2 * index.get_max_elements()))
-                    index.add_items(
-                        np.stack([v for _, v in fresh]), [label for label, _ in fresh], replace_deleted=True
-                    )
-                self.live.update(label for label, _ in update + fresh)
+            for d, ext, meta in cur:
+                changes.documents[d] = (ext, meta)
+            cur.execute(
+                sql.SQL(
+                    "SELECT c.document_id, c.ordinal, c.char_start, c.char_end, {snippet}, c.truncated "
+                    "FROM {table} c JOIN longembed.documents d ON d.id = c.document_id "
+                    "WHERE c.document_id = ANY(%s)"
+                ).format(snippet=SNIPPET, table=table),
+                (touched,),
+            )
+            for d, o, *row in cur:
+                changes.chunks[d][label_of(d, o)] = tuple(row)
+        return changes
+
+    def _apply(self, changes: _Changes) -> None:
+        """Apply whole documents, a batch of them per hold of the lock: a search sees each document
+        either before or after its change, never half of it."""
+        batch: list[int] = []
+        size = 0
+        for doc in changes.documents:
+            batch.append(doc)
+            size += len(changes.vectors[doc]) + len(changes.chunks[doc])
+            if size >= APPLY_BATCH:
+                self._apply_documents(changes, batch)
+                batch, size = [], 0
+        if batch:
+            self._apply_documents(changes, batch)
+
+    def _apply_documents(self, changes: _Changes, docs: list[int]) -> None:
+        part = [(label, v) for doc in docs for label, v in changes.vectors[doc].items()]
+        with self.lock:
+            assert self.index is not None
+            index = self.index
+            gone = [label for label, v in part if v is None and label in self.rows]
+            for label in gone:
+                index.mark_deleted(label)
+            update = [(label, v) for label, v in part if v is not None and label in self.rows]
+            fresh = []
+            for label, v in part:
+                if v is None or label in self.rows:
+                    continue
+                try:  # a deleted label still in the graph: bring it back and overwrite it
+                    index.unmark_deleted(label)
+                    update.append((label, v))
+                except RuntimeError:
+                    fresh.append((label, v))
+            if update:
+                index.add_items(np.stack([v for _, v in update]), [label for label, _ in update])
+            if fresh:
+                needed = index.get_current_count() + len(fresh)
+                if needed > index.get_max_elements():
+                    index.resize_index(max(needed, 2 * index.get_max_elements()))
+                index.add_items(
+                    np.stack([v for _, v in fresh]), [label for label, _ in fresh], replace_deleted=True
+                )
+            # Rows: a chunk of these documents that is gone was logged (so it is in `gone` or was never
+            # held); every chunk they have now is in changes.chunks, read under the same snapshot.
+            for label in gone:
+                del self.rows[label]
+            for doc in docs:
+                self.rows.update(changes.chunks[doc])
+                row = changes.documents[doc]
+                if changes.chunks[doc] and row is not None:
+                    self.documents[doc] = row
+                else:
+                    self.documents.pop(doc, None)
 
     def staleness(self, conn: psycopg.Connection) -> Staleness:
         with self.lock:
@@ -214,15 +312,16 @@ class CollectionIndex:
     # -- on disk -------------------------------------------------------------------------------
 
     def save(self, conn: psycopg.Connection) -> bool:
-        """Write the index and its mark (atomically: a new folder renamed into place), then let
-        PostgreSQL prune the log below the mark. False: this consumer was dropped, rebuild."""
+        """Write the index, its rows and its mark (atomically: a new folder renamed into place), then
+        let PostgreSQL prune the log below the mark. False: this consumer was dropped, rebuild."""
         tmp, old = self.dir.with_suffix(".new"), self.dir.with_suffix(".old")
         shutil.rmtree(tmp, ignore_errors=True)
         private_dir(tmp)
         with self.lock:
             assert self.index is not None and self.mark is not None
             self.index.save_index(str(tmp / "index.bin"))
-            np.save(tmp / "labels.npy", np.fromiter(self.live, dtype=np.uint64, count=len(self.live)))
+            with open(tmp / "rows.npz", "wb") as f:
+                np.savez(f, **_columns(self.rows, self.documents))
             meta = {
                 "format": FORMAT,
                 "collection_id": self.collection.id,
@@ -275,12 +374,16 @@ class CollectionIndex:
             raise Rebuild("the change log no longer reaches back to the saved index")
         index = _hnswlib().Index(space=SPACES[c.distance], dim=c.dim)
         index.load_index(str(folder / "index.bin"), max_elements=meta["capacity"], allow_replace_deleted=True)
-        live = set(np.load(folder / "labels.npy").tolist())
+        try:
+            with np.load(folder / "rows.npz", allow_pickle=False) as columns:
+                rows, documents = _from_columns(columns)
+        except (OSError, ValueError, KeyError) as exc:
+            raise Rebuild(f"the saved rows cannot be read ({exc})") from None
         with self.lock:
-            self.index, self.live = index, live
+            self.index, self.rows, self.documents = index, rows, documents
             self.mark, self.applied_seq = meta["mark"], meta["applied_seq"]
             self.dirty, self.loaded = False, True
-        log.info("hnsw %s: loaded %d vectors from %s", c.name, len(live), folder)
+        log.info("hnsw %s: loaded %d vectors from %s", c.name, len(rows), folder)
 
     def forget(self, conn: psycopg.Connection | None) -> None:
         """The collection is gone: drop the files and (when the database answers) the registration."""
@@ -295,23 +398,152 @@ class CollectionIndex:
         """Labels of up to `n` nearest chunks (ef at least n); None when hnswlib cannot answer."""
         with self.lock:
             assert self.index is not None
-            n = min(n, len(self.live))
-            if n == 0:
-                return []
-            self.index.set_ef(max(ef, n))
-            try:
-                labels, _ = self.index.knn_query(vector, k=n, num_threads=1)
-            except RuntimeError:  # fewer than n reachable (a graph thinned by deletes)
-                return None
+            return self._nearest(vector, n, ef)
+
+    def _nearest(self, vector: np.ndarray, n: int, ef: int) -> list[int] | None:
+        assert self.index is not None
+        n = min(n, len(self.rows))
+        if n == 0:
+            return []
+        self.index.set_ef(max(ef, n))
+        try:
+            labels, _ = self.index.knn_query(vector, k=n, num_threads=1)
+        except RuntimeError:  # fewer than n reachable (a graph thinned by deletes)
+            return None
         return labels[0].tolist()
+
+    def search(self, vector: np.ndarray, k: int, ef: int, max_candidates: int) -> list[SearchResult] | None:
+        """The k best documents by their best chunk, as longembed.search_vector ranks them
+        (015_search.sql: max(4k, 40) candidate chunks, widened 4x while fewer than k documents come
+        back), from this index and its rows alone. Scores are computed from the stored vectors in
+        float64 as search_vector's (cosine similarity, inner product, -L2 distance); ties go by
+        external id. None when hnswlib cannot answer or more than max_candidates would be needed."""
+        n = max(4 * k, 40)
+        while True:
+            with self.lock:  # labels, vectors and rows of one moment
+                labels = self._nearest(vector, n, ef)
+                if labels is None:
+                    return None
+                if not labels:
+                    return []
+                stored = self.index.get_items(labels, return_type="numpy")
+                chunks = [self.rows[label] for label in labels]
+                docs = {label >> ORDINAL_BITS: None for label in labels}
+                docs = {d: self.documents[d] for d in docs}
+            scores = _scores(self.collection.distance, np.asarray(vector, dtype=np.float64), stored)
+            best: dict[int, int] = {}  # document -> index of its best candidate
+            for i, label in enumerate(labels):
+                doc = label >> ORDINAL_BITS
+                if doc not in best or scores[i] > scores[best[doc]]:
+                    best[doc] = i
+            if len(best) >= k or len(labels) < n:
+                break
+            if n >= max_candidates:
+                return None
+            n = min(4 * n, max_candidates)
+        ranked = sorted(best.items(), key=lambda item: (-scores[item[1]], docs[item[0]][0]))[:k]
+        results = []
+        for doc, i in ranked:
+            external_id, metadata = docs[doc]
+            start, end, snippet, truncated = chunks[i]
+            ordinal = labels[i] & ((1 << ORDINAL_BITS) - 1)
+            meta = json.loads(metadata)
+            score = float(scores[i])
+            results.append(SearchResult(external_id, score, ordinal, start, end, snippet, meta, truncated))
+        return results
 
     def vectors(self) -> dict[int, np.ndarray]:
         """Every live label with its stored vector (tests compare this with the table)."""
         with self.lock:
             assert self.index is not None
-            labels = sorted(self.live)
+            labels = sorted(self.rows)
             data = self.index.get_items(labels, return_type="numpy") if labels else []
         return dict(zip(labels, data, strict=True))
+
+    def held_rows(self) -> tuple[dict[int, ChunkRow], dict[int, DocumentRow]]:
+        """Copies of the rows held (tests compare them with the tables)."""
+        with self.lock:
+            return dict(self.rows), dict(self.documents)
+
+
+def _scores(distance: str, query: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """search_vector's scores (015_search.sql) in float64: hnswlib's cosine space keeps vectors
+    normalised, so cosine divides by both norms as pgvector does; pgvector also clamps it to [-1, 1]."""
+    stored = stored.astype(np.float64)
+    if distance == "l2":
+        return -np.sqrt(((stored - query) ** 2).sum(axis=1))
+    dots = stored @ query
+    if distance == "ip":
+        return dots
+    return np.clip(dots / np.sqrt((stored * stored).sum(axis=1) * (query @ query)), -1.0, 1.0)
+
+
+def _settle(conn: psycopg.Connection) -> None:
+    """Wait until every transaction running when this consumer registered has ended. One that wrote a
+    tracked table before the registration committed logged nothing; the build's snapshot, taken after
+    this, sees it instead. (The registration's SHARE lock covers the chunk table's writers; this covers
+    longembed.documents' too, whose trigger logs document-row changes.)"""
+    snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+    while conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_snapshot_xip(%s::pg_snapshot) x "
+        "WHERE pg_xact_status(x) = 'in progress')",
+        (snapshot,),
+    ).fetchone()[0]:
+        time.sleep(SETTLE_S)
+
+
+def _columns(rows: dict[int, ChunkRow], documents: dict[int, DocumentRow]) -> dict[str, np.ndarray]:
+    """The rows as plain arrays (np.savez without pickle): numbers as they are, strings as one UTF-8
+    blob with end offsets."""
+    chunks = list(rows.items())
+    docs = list(documents.items())
+    return {
+        "labels": np.fromiter((label for label, _ in chunks), dtype=np.uint64, count=len(chunks)),
+        "char_start": np.fromiter((r[0] for _, r in chunks), dtype=np.int64, count=len(chunks)),
+        "char_end": np.fromiter((r[1] for _, r in chunks), dtype=np.int64, count=len(chunks)),
+        "truncated": np.fromiter((r[3] for _, r in chunks), dtype=np.bool_, count=len(chunks)),
+        **_strings("snippet", [r[2] for _, r in chunks]),
+        "documents": np.fromiter((d for d, _ in docs), dtype=np.int64, count=len(docs)),
+        **_strings("external_id", [r[0] for _, r in docs]),
+        **_strings("metadata", [r[1] for _, r in docs]),
+    }
+
+
+def _strings(name: str, values: list[str]) -> dict[str, np.ndarray]:
+    encoded = [v.encode() for v in values]
+    ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+    return {f"{name}_blob": np.frombuffer(b"".join(encoded), dtype=np.uint8), f"{name}_ends": ends}
+
+
+def _unstrings(columns, name: str) -> list[str]:
+    blob = columns[f"{name}_blob"].tobytes()
+    ends = columns[f"{name}_ends"].tolist()
+    return [blob[a:b].decode() for a, b in zip([0, *ends], ends, strict=False)]
+
+
+def _from_columns(columns) -> tuple[dict[int, ChunkRow], dict[int, DocumentRow]]:
+    labels = columns["labels"].tolist()
+    rows = dict(
+        zip(
+            labels,
+            zip(
+                columns["char_start"].tolist(),
+                columns["char_end"].tolist(),
+                _unstrings(columns, "snippet"),
+                columns["truncated"].tolist(),
+                strict=True,
+            ),
+            strict=True,
+        )
+    )
+    documents = dict(
+        zip(
+            columns["documents"].tolist(),
+            zip(_unstrings(columns, "external_id"), _unstrings(columns, "metadata"), strict=True),
+            strict=True,
+        )
+    )
+    return rows, documents
 
 
 def _hnswlib():

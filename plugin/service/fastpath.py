@@ -4,15 +4,16 @@ kept in sync with PostgreSQL by one background thread, and used by /v1/search.
 The thread builds (or loads from disk and catches up) each index, then applies the change log whenever a
 NOTIFY wakes it and at least every POLL_S seconds (NOTIFY is only a wake-up: the log is what counts), and
 saves each changed index every SAVE_EVERY_S seconds and at stop. Until an index has been built or caught
-up once, its collection's searches go to SQL (pgvector), as do hybrid searches.
+up once, its collection's searches go to SQL (pgvector), as do hybrid searches. Every step also reads the
+collection's row: `collection(name)` hands out that copy, so /v1/search needs no database for a
+collection the fast path answers (a dropped or recreated collection is seen within POLL_S).
 
-A search asks hnswlib for the nearest chunks (as SQL does: max(4k, 40) candidates, then the best chunk
-per document), then reads the k best documents' chunks from PostgreSQL with their distances computed
-there: the rows, snippets, metadata and scores are the database's, and a chunk deleted since the index's
-last sync drops out (the search then reads all candidates). Filters: all candidates are read, with
-their documents' metadata checked in the same read (jsonb @>); when too few documents pass, the
-candidates widen 4x at a time up to MAX_CANDIDATES chunks, then the search goes to SQL, whose iterative
-index scan suits selective filters.
+An unfiltered search is answered from memory alone (CollectionIndex.search: hnswlib's candidates, the
+best chunk per document, scores computed from the stored vectors as search_vector's, and the rows the
+index holds beside its vectors). A filtered search asks hnswlib for candidates (as SQL does: max(4k,
+40) chunks), then reads them with their documents' metadata checked in PostgreSQL (jsonb @>) and their
+distances computed there; when too few documents pass, the candidates widen 4x at a time up to
+MAX_CANDIDATES chunks, then the search goes to SQL, whose iterative index scan suits selective filters.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class FastPath:
         self.root = Path(directory)
         self._indexes: dict[str, CollectionIndex] = {}
         self._ready: set[str] = set()
-        self._lock = threading.Lock()  # guards _indexes and _ready
+        self._collections: dict[str, Collection] = {}  # as read at the last sync step
+        self._lock = threading.Lock()  # guards _indexes, _ready and _collections
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._operators: dict[str, sql.Composable] = {}
@@ -94,6 +96,12 @@ class FastPath:
         with self._lock:
             return name in self._ready
 
+    def collection(self, name: str) -> Collection | None:
+        """The collection `name` as the last sync step read it, where its index answers searches; None
+        otherwise (then ask the database)."""
+        with self._lock:
+            return self._collections.get(name) if name in self._ready else None
+
     def index(self, name: str) -> CollectionIndex | None:
         with self._lock:
             return self._indexes.get(name)
@@ -123,6 +131,11 @@ class FastPath:
 
     def _step(self, conn: psycopg.Connection, name: str) -> None:
         collection = get_collection(conn, name, missing_ok=True)
+        with self._lock:
+            if collection is None:
+                self._collections.pop(name, None)
+            else:
+                self._collections[name] = collection
         current = self.index(name)
         if current is not None and (
             collection is None
@@ -163,7 +176,7 @@ class FastPath:
 
     def search(
         self,
-        conn: psycopg.Connection,
+        conn: psycopg.Connection | None,
         collection: Collection,
         vector: np.ndarray,
         k: int,
@@ -172,24 +185,17 @@ class FastPath:
         ef_search: int | None = None,
     ) -> list[SearchResult] | None:
         """The SQL search's answer through hnswlib; None when the index cannot give it (not ready,
-        another collection of the same name, a filter too selective): then ask SQL."""
+        another collection of the same name, a filter too selective, or a filter and no `conn`): then
+        ask SQL. Without a filter no database is asked."""
         index = self.index(collection.name) if self.is_ready(collection.name) else None
         if index is None or index.collection.id != collection.id:
             return None
         query = np.asarray(vector, dtype=np.float32)
+        if filter is None:
+            return index.search(query, k, ef_search or DEFAULT_EF, MAX_CANDIDATES)
+        if conn is None:
+            return None
         n = max(4 * k, 40)
-        if filter is None:  # rank documents by hnswlib's distances, read only the k best from PostgreSQL
-            labels = index.nearest(query, n, ef_search or DEFAULT_EF)
-            if labels is None:
-                return None
-            firsts: dict[int, int] = {}  # document -> its nearest chunk (labels come nearest first)
-            for label in labels:
-                firsts.setdefault(key_of(label)[0], label)
-            chosen = list(firsts.values())[:k]
-            rows = self._fetch(conn, collection, chosen, vector, None)
-            if len(rows) == len(chosen) and (len(chosen) == k or len(labels) < n):
-                return self._ranked(collection, rows, k)
-            # a chunk gone since the last sync, or too few documents: the general path below
         while True:
             labels = index.nearest(query, n, ef_search or DEFAULT_EF)
             if labels is None:
@@ -216,7 +222,7 @@ class FastPath:
         collection: Collection,
         labels: list[int],
         vector: np.ndarray,
-        filter: Mapping[str, Any] | None,
+        filter: Mapping[str, Any],
     ) -> list[tuple]:
         keys = [key_of(label) for label in labels]
         query = sql.SQL(
@@ -226,13 +232,13 @@ class FastPath:
                  FROM unnest(%(docs)s::bigint[], %(ords)s::integer[]) AS u(document_id, ordinal)
                  JOIN {table} c ON c.document_id = u.document_id AND c.ordinal = u.ordinal
                  JOIN longembed.documents d ON d.id = c.document_id
-                WHERE %(filter)s::jsonb IS NULL OR d.metadata @> %(filter)s::jsonb"""
+                WHERE d.metadata @> %(filter)s::jsonb"""
         ).format(op=self._operator(conn, collection), snippet=SNIPPET_CHARS, table=collection.chunk_table)
         params = {
             "q": vector,
             "docs": [d for d, _ in keys],
             "ords": [o for _, o in keys],
-            "filter": Jsonb(dict(filter)) if filter is not None else None,
+            "filter": Jsonb(dict(filter)),
         }
         # Prepared: a fixed plan of key lookups, planned once per connection and collection.
         return conn.execute(query, params, prepare=True).fetchall()
@@ -286,8 +292,7 @@ def search_vector(
     its raw score (mode "chunks", or "auto" where the collection chose that); any other mode or fusion
     is SQL's, so HTTP, SQL and Python rank alike."""
     check_arguments(k, ef_search, filter)
-    options = resolve_options(collection, mode, weights, fusion, rrf_k)
-    if fast is not None and options["fusion"] == "raw" and dict(options["weights"]) == {"chunks": 1.0}:
+    if fast is not None and mirrored(collection, mode, weights, fusion, rrf_k):
         results = fast.search(conn, collection, vector, k, filter=filter, ef_search=ef_search)
         if results is not None:
             return results, HNSWLIB
@@ -305,6 +310,19 @@ def search_vector(
         rrf_k=rrf_k,
     )
     return rows, PGVECTOR
+
+
+def mirrored(
+    collection: Collection,
+    mode: str | None,
+    weights: Mapping[str, float] | None = None,
+    fusion: str | None = None,
+    rrf_k: int | None = None,
+) -> bool:
+    """Whether a search with these options is what hnswlib mirrors: the best chunk alone with its raw
+    score (mode "chunks", or "auto" where the collection chose that). ValueError for bad options."""
+    options = resolve_options(collection, mode, weights, fusion, rrf_k)
+    return options["fusion"] == "raw" and dict(options["weights"]) == {"chunks": 1.0}
 
 
 def _score(distance: str, value: float) -> float:

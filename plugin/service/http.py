@@ -31,16 +31,19 @@ from starlette.routing import Route
 from longembed.encoder.profiles import KINDS
 from longembed.plugin.service.batcher import INTERACTIVE, BatcherStopped, QueueFull
 from longembed.plugin.service.errors import ApiError, invalid
-from longembed.plugin.service.fastpath import search_vector
+from longembed.plugin.service.fastpath import HNSWLIB, mirrored, search_vector
 from longembed.plugin.service.host import Host, HostConfig
 from longembed.plugin.service.served import OVERFLOWS
-from longembed.plugin.store.collections import CollectionNotFound, get_collection
-from longembed.plugin.store.search import as_vector
+from longembed.plugin.store.collections import Collection, CollectionNotFound, get_collection
+from longembed.plugin.store.search import as_vector, check_arguments
 
 log = logging.getLogger(__name__)
 
 ENCODINGS = ("float", "base64")
 INLINE_CHARS = 4096  # requests this small are tokenised on the event loop (tens of microseconds)
+# Fast-path searches of at most this many candidates (and ef) run on the event loop: a fraction of a
+# millisecond, less than a hop to a worker thread and back; larger ones take the hop.
+INLINE_CANDIDATES = 400
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -128,6 +131,24 @@ def build_app(host: Host) -> Starlette:
 
     async def search(request: Request) -> Response:
         req = parse_search_request(await _read_json(request, host.config.max_body_bytes), host.config)
+        fast = host.fastpath if req.index == "auto" else None
+        cached = fast.collection(req.collection) if fast is not None else None
+        embedded = None
+        if cached is not None and req.filter is None and _mirrored(cached, req):
+            # Answered from the host's memory: the collection's copy from the last sync step, the query
+            # embedded in the batcher, the index and its rows; no database connection, no thread hop
+            # unless the work is large.
+            embedded = await _embed_query(host, cached, req)
+            if embedded is not None:
+                vector, model, tokens = embedded
+                if max(4 * req.k, 40, req.ef_search or 0) <= INLINE_CANDIDATES:
+                    results = fast.search(None, cached, vector, req.k, ef_search=req.ef_search)
+                else:
+                    results = await run_in_threadpool(
+                        fast.search, None, cached, vector, req.k, ef_search=req.ef_search
+                    )
+                if results is not None:
+                    return _search_response(cached, model, results, HNSWLIB, tokens)
         with host.database() as conn:
 
             def search_in_db(collection: Any, vector: Any) -> tuple[list, str]:  # in a worker thread
@@ -135,7 +156,7 @@ def build_app(host: Host) -> Starlette:
                     if vector is None:
                         vector = as_vector(req.vector, collection.dim)
                     return search_vector(
-                        host.fastpath if req.index == "auto" else None,
+                        fast,
                         conn,
                         collection,
                         vector,
@@ -143,7 +164,7 @@ def build_app(host: Host) -> Starlette:
                         filter=req.filter,
                         ef_search=req.ef_search,
                         text=req.query,
-                        mode="hybrid" if req.hybrid and req.mode is None else req.mode,
+                        mode=_mode(req),
                         weights=req.weights,
                         fusion=req.fusion,
                         rrf_k=req.rrf_k,
@@ -163,17 +184,12 @@ def build_app(host: Host) -> Starlette:
                         param="collection",
                         code="collection_not_found",
                     ) from None
+                if embedded is not None and collection == cached:  # embedded above for this very collection
+                    return collection, None, None, None, search_in_db(collection, embedded[0])
                 if req.vector is not None:  # embedded elsewhere: no model; search in this same thread hop
                     return collection, None, None, None, search_in_db(collection, None)
                 served = host.model(collection.model_source)
-                if served.info.revision != collection.model_revision:
-                    raise ApiError(
-                        409,
-                        f"collection {collection.name!r} was embedded with revision "
-                        f"{collection.model_revision} of {served.info.name}; this host serves revision "
-                        f"{served.info.revision}: serve those weights, or embed into a new collection",
-                        code="revision_mismatch",
-                    )
+                _check_revision(collection, served)
                 dims = collection.dim if collection.dim != served.info.dim else None
                 served.check_dimensions(dims)
                 return collection, served, served.plan([req.query], "query", collection.query_prefix,
@@ -181,22 +197,15 @@ def build_app(host: Host) -> Starlette:
 
             collection, served, plan, dims, found = await run_in_threadpool(prepare)
             if found is None:
-                embedded = served.finish(plan, await _compute(served, plan), "truncate", dims)
-                found = await run_in_threadpool(search_in_db, collection, embedded.vectors[0])
-                model, tokens = served.info.name, embedded.n_tokens[0]
+                embedded_now = served.finish(plan, await _compute(served, plan), "truncate", dims)
+                found = await run_in_threadpool(search_in_db, collection, embedded_now.vectors[0])
+                model, tokens = served.info.name, embedded_now.n_tokens[0]
+            elif embedded is not None and collection == cached:
+                model, tokens = embedded[1], embedded[2]
             else:
                 model, tokens = collection.model_name, 0
             results, index = found
-        return JSONResponse(
-            {
-                "object": "list",
-                "collection": collection.name,
-                "model": model,
-                "data": [asdict(r) for r in results],
-                "index": index,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
+        return _search_response(collection, model, results, index, tokens)
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_model_entry(m) for m in host.models()]})
@@ -230,6 +239,68 @@ def build_app(host: Host) -> Starlette:
         Route("/metrics", endpoint("metrics", metrics, True), methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+def _mode(req: SearchRequest) -> str | None:
+    return "hybrid" if req.hybrid and req.mode is None else req.mode
+
+
+def _mirrored(collection: Collection, req: SearchRequest) -> bool:
+    """Whether the fast path's index answers this request by itself; 400 for bad arguments (the same
+    checks, in the same words, as the database path's)."""
+    try:
+        check_arguments(req.k, req.ef_search, req.filter)
+        return mirrored(collection, _mode(req), req.weights, req.fusion, req.rrf_k)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+
+
+async def _embed_query(host: Host, collection: Collection, req: SearchRequest) -> tuple | None:
+    """(query vector, model name, tokens) without the database: the request's vector, or its text
+    embedded by a model this host already serves (short texts tokenised on the event loop). None when
+    the collection's model is not loaded yet (the database path loads it)."""
+    if req.vector is not None:
+        try:
+            return as_vector(req.vector, collection.dim), collection.model_name, 0
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+    if not host.is_served(collection.model_source):
+        return None
+    served = host.model(collection.model_source)
+    _check_revision(collection, served)
+    dims = collection.dim if collection.dim != served.info.dim else None
+    served.check_dimensions(dims)
+    args = ([req.query], "query", collection.query_prefix, "truncate")
+    if len(req.query) <= INLINE_CHARS:
+        plan = served.plan(*args)
+    else:
+        plan = await run_in_threadpool(served.plan, *args)
+    embedded = served.finish(plan, await _compute(served, plan), "truncate", dims)
+    return embedded.vectors[0], served.info.name, embedded.n_tokens[0]
+
+
+def _check_revision(collection: Collection, served: Any) -> None:
+    if served.info.revision != collection.model_revision:
+        raise ApiError(
+            409,
+            f"collection {collection.name!r} was embedded with revision "
+            f"{collection.model_revision} of {served.info.name}; this host serves revision "
+            f"{served.info.revision}: serve those weights, or embed into a new collection",
+            code="revision_mismatch",
+        )
+
+
+def _search_response(collection: Collection, model: str, results: list, index: str, tokens: int) -> Response:
+    return JSONResponse(
+        {
+            "object": "list",
+            "collection": collection.name,
+            "model": model,
+            "data": [asdict(r) for r in results],
+            "index": index,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
 
 
 @dataclass(frozen=True)
