@@ -10,11 +10,15 @@ reaches --target; QPS is one client, one query at a time (1 / mean latency).
 Paths, each with k=10 documents:
 - pgvector, SQL: `longembed.search_vector` (store.search_by_vector: candidates, best chunk per document,
   the documents' rows), and the bare index statement `ORDER BY embedding <=> q LIMIT 10`;
-- hnswlib in process: the host's FastPath.search (hnswlib candidates, then the same rows from PostgreSQL),
-  and hnswlib's knn_query alone;
-- hnswlib over HTTP: `POST /v1/search` with the query vector, to a `longembed serve --hnsw` subprocess;
-- end to end over HTTP (real data): `POST /v1/search` with the query text (the host embeds it), at the
-  ef the fast path needed.
+- hnswlib in process: the host's FastPath.search (hnswlib candidates, best chunk per document, scores and
+  rows from the host's memory: no PostgreSQL), and hnswlib's knn_query alone;
+- over HTTP, to a `longembed serve --hnsw` subprocess: `POST /v1/search` with the query vector, through
+  pgvector (`"index": "pgvector"`) and through hnswlib (no database on that path);
+- end to end over HTTP: `POST /v1/search` with the query text (the host embeds it, then searches), through
+  each index at the ef it needed for the target with vectors; beside it `POST /v1/embeddings` of the same
+  text alone. On real data the recall is measured; on clustered vectors (not MiniLM's space) only the time,
+  with the real-data query texts.
+The collection searches in mode "chunks" (the best chunk per document: what the fast path mirrors).
 
 Usage: python bench/bench_hnsw.py --dsn postgresql://... [--vectors 100000] [--queries 300]
 A fresh database `longembed_bench_<random>` is made on that server and dropped at the end.
@@ -51,10 +55,12 @@ from real_texts import real_vectors
 from longembed.plugin.db import connect
 from longembed.plugin.migrate import migrate
 from longembed.plugin.models import get_model
-from longembed.plugin.service.fastpath import HNSWLIB, FastPath
+from longembed.plugin.service.fastpath import HNSWLIB, PGVECTOR, FastPath
+from longembed.plugin.store.collections import get_collection
 from longembed.plugin.store.search import search_by_vector
 
 EFS = [10, 16, 24, 32, 40, 64, 100, 150, 200, 300, 400, 600, 800]
+notes: list[str] = []  # memory of the held rows, per dataset
 
 
 def stats(times: list[float]) -> tuple[float, float, float]:
@@ -98,12 +104,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_dataset(dsn: str, kind: str, base: np.ndarray, queries: np.ndarray, texts, args) -> list[str]:
+def end_to_end(label: str, run: Callable[[str], object], texts: list[str], truth, ef: int | None) -> str:
+    """One query text at a time: latency, and recall@10 where `truth` is given."""
+    for text in texts[:20]:  # warm up
+        run(text)
+    times, hits = [], 0
+    for i, text in enumerate(texts):
+        t0 = time.perf_counter()
+        found = run(text)
+        times.append(time.perf_counter() - t0)
+        if truth is not None:
+            hits += len(set(found[:10]) & set(truth[i].tolist()))
+    qps, p50, p99 = stats(times)
+    recall = f"{hits / (10 * len(texts)):.3f}" if truth is not None else "-"
+    line = f"| {label} | {ef if ef is not None else ''} | {recall} | {qps:,.0f} | {p50:.2f} | {p99:.2f} |"
+    print(line, flush=True)
+    return line
+
+
+def deep_size(held: dict) -> int:
+    """Bytes of a dict of tuples of ints, strs and bools, each object once (small ints are shared)."""
+    seen: set[int] = set()
+    total = 0
+    stack: list[object] = [held]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, tuple):
+            stack.extend(obj)
+    return total
+
+
+def bench_dataset(
+    dsn: str, kind: str, base: np.ndarray, queries: np.ndarray, texts: list[str], with_recall: bool, args
+) -> list[str]:
     model = get_model()
     rows = [f"| **{kind}** ({len(base):,} x {base.shape[1]}, load {os.getloadavg()[0]:.1f}) | | | | | |"]
     truth = np.argsort(-(queries @ base.T), axis=1)[:, :10]
     with connect(dsn) as conn, tempfile.TemporaryDirectory() as tmp:
         collection, ids = load_vectors(conn, model, f"bench-{kind}", base)
+        conn.execute(
+            "UPDATE longembed.collections SET search_mode = 'chunks' WHERE id = %s", (collection.id,)
+        )
+        collection = get_collection(conn, collection.name)
         row_of = {doc_id: i for i, doc_id in enumerate(ids)}
         index_sql = sql.SQL("SELECT document_id FROM {} ORDER BY embedding <=> %s LIMIT 10").format(
             collection.chunk_table
@@ -129,7 +178,7 @@ def bench_dataset(dsn: str, kind: str, base: np.ndarray, queries: np.ndarray, te
             print(f"{kind}: in-process hnswlib index built in {time.perf_counter() - t0:.1f} s", flush=True)
 
             def fast_search(q: np.ndarray, ef: int) -> list[int]:
-                return [int(r.external_id[1:]) for r in fast.search(conn, collection, q, 10, ef_search=ef)]
+                return [int(r.external_id[1:]) for r in fast.search(None, collection, q, 10, ef_search=ef)]
 
             index = fast.index(collection.name).index
 
@@ -138,10 +187,20 @@ def bench_dataset(dsn: str, kind: str, base: np.ndarray, queries: np.ndarray, te
                 labels, _ = index.knn_query(q, k=10, num_threads=1)
                 return [row_of[int(label) >> 24] for label in labels[0]]
 
-            rows += sweep("hnswlib in process: FastPath.search (+ rows from PostgreSQL)", fast_search,
+            rows += sweep("hnswlib in process: FastPath.search (rows in memory, no PostgreSQL)", fast_search,
                           queries, truth, args)  # fmt: skip
             rows += sweep("hnswlib in process: knn_query alone", knn, queries, truth, args)
-            fast.stop()
+            held = fast.index(collection.name)
+            n_chunks, held_bytes = len(held.rows), deep_size(held.rows) + deep_size(held.documents)
+            fast.stop()  # saves
+            saved = next(Path(tmp, "inproc").glob("c*/rows.npz")).stat().st_size
+            memory = (
+                f"rows held beside the index: {held_bytes / 2**20:.1f} MiB for {n_chunks:,} chunks "
+                f"({held_bytes / max(n_chunks, 1):.0f} bytes per chunk and its document; snippets of "
+                f"{len(next(iter(held.rows.values()))[2])} characters here); rows.npz {saved / 2**20:.1f} MiB"
+            )
+            print(f"# {kind}: {memory}", flush=True)
+            notes.append(f"{kind}: {memory}")
 
             # The HTTP host builds its own index now (a subprocess: its own GIL and threads).
             port = free_port()
@@ -175,40 +234,39 @@ def bench_dataset(dsn: str, kind: str, base: np.ndarray, queries: np.ndarray, te
             )
             print(rows[-1], flush=True)
 
-            def http_vector(q: np.ndarray, ef: int) -> list[int]:
-                body = {"collection": collection.name, "vector": q.tolist(), "k": 10, "ef_search": ef}
+            def http_search(q: np.ndarray, ef: int, index: str) -> list[int]:
+                body = {"collection": collection.name, "vector": q.tolist(), "k": 10, "ef_search": ef,
+                        "index": "pgvector" if index == PGVECTOR else "auto"}  # fmt: skip
                 answer = client.post("/v1/search", json=body).json()
-                assert answer["index"] == HNSWLIB, answer
+                assert answer["index"] == index, answer
                 return [int(r["external_id"][1:]) for r in answer["data"]]
 
-            def http_pgvector(q: np.ndarray, ef: int) -> list[int]:
-                body = {"collection": collection.name, "vector": q.tolist(), "k": 10, "ef_search": ef,
-                        "index": "pgvector"}  # fmt: skip
-                return [
-                    int(r["external_id"][1:]) for r in client.post("/v1/search", json=body).json()["data"]
-                ]
+            matched = {}
+            for index_name, label in ((PGVECTOR, "pgvector"), (HNSWLIB, "hnswlib")):
+                title = f"{label} over HTTP: `POST /v1/search` with the vector"
+                found = sweep(title, lambda q, ef, i=index_name: http_search(q, ef, i), queries, truth, args)
+                rows += found
+                matched[index_name] = int(found[-1].split("|")[2]) if "matched" in found[-1] else args.ef[-1]
 
-            rows += sweep("pgvector over HTTP: `POST /v1/search` with the vector, `index: pgvector`",
-                          http_pgvector, queries, truth, args)  # fmt: skip
-            http_rows = sweep("hnswlib over HTTP: `POST /v1/search` with the vector", http_vector, queries,
-                              truth, args)  # fmt: skip
-            rows += http_rows
-            if texts is not None:  # the same queries as text: the host embeds them
-                ef = int(http_rows[-1].split("|")[2])
-                times, hits = [], 0
-                for text, t in zip(texts, truth, strict=True):
-                    body = {"collection": collection.name, "query": text, "k": 10, "ef_search": ef}
-                    t0 = time.perf_counter()
+            def embed_only(text: str) -> None:
+                answer = client.post("/v1/embeddings", json={"input": text, "kind": "query"})
+                assert answer.status_code == 200, answer.text
+
+            rows.append(
+                end_to_end("`POST /v1/embeddings` of the query text alone", embed_only, texts, None, None)
+            )
+            for index_name, label in ((PGVECTOR, "pgvector"), (HNSWLIB, "hnswlib")):
+                ef = matched[index_name]
+
+                def text_search(text: str, ef: int = ef, index: str = index_name) -> list[int]:
+                    body = {"collection": collection.name, "query": text, "k": 10, "ef_search": ef,
+                            "index": "pgvector" if index == PGVECTOR else "auto"}  # fmt: skip
                     answer = client.post("/v1/search", json=body).json()
-                    times.append(time.perf_counter() - t0)
-                    hits += len({int(r["external_id"][1:]) for r in answer["data"]} & set(t.tolist()))
-                qps, p50, p99 = stats(times)
-                label = "end to end over HTTP: `POST /v1/search` with the text (embed + search)"
-                rows.append(
-                    f"| {label} | {ef} "
-                    f"| {hits / (10 * len(texts)):.3f} | {qps:,.0f} | {p50:.2f} | {p99:.2f} |"
-                )
-                print(rows[-1], flush=True)
+                    assert answer["index"] == index, answer
+                    return [int(r["external_id"][1:]) for r in answer["data"]]
+
+                title = f"end to end over HTTP, {label}: `POST /v1/search` with the text (embed + search)"
+                rows.append(end_to_end(title, text_search, texts, truth if with_recall else None, ef))
         finally:
             if host is not None:
                 host.terminate()
@@ -249,16 +307,19 @@ def main() -> int:
         )
         rows = ["| path | ef | recall@10 | QPS | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
         for kind in args.datasets:
+            # The query texts: real data's own; clustered vectors (not MiniLM's space) get the same texts
+            # for the end-to-end timing alone.
+            _, real_queries, texts = real_vectors(args.real or args.vectors, args.cache)
             if kind == "clustered":
                 base, queries = synthetic_vectors("clustered", args.vectors, 384, seed=1)
-                texts = None
             else:
-                base, queries, texts = real_vectors(args.real or args.vectors, args.cache)
+                base, queries = real_vectors(args.real or args.vectors, args.cache)[0], real_queries
             rows += bench_dataset(
-                dsn, kind, base, queries[: args.queries], texts and texts[: args.queries], args
+                dsn, kind, base, queries[: args.queries], texts[: args.queries], kind == "real", args
             )
         print(f"# load average at the end {os.getloadavg()}")
         print("\n".join(rows))
+        print("\n".join(f"# {note}" for note in notes))
     finally:
         with psycopg.connect(args.dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
