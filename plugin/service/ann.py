@@ -397,50 +397,47 @@ class CollectionIndex:
     def nearest(self, vector: np.ndarray, n: int, ef: int) -> list[int] | None:
         """Labels of up to `n` nearest chunks (ef at least n); None when hnswlib cannot answer."""
         with self.lock:
-            assert self.index is not None
-            return self._nearest(vector, n, ef)
+            found = self._nearest(vector, n, ef)
+        return None if found is None else found[0]
 
-    def _nearest(self, vector: np.ndarray, n: int, ef: int) -> list[int] | None:
+    def _nearest(self, vector: np.ndarray, n: int, ef: int) -> tuple[list[int], np.ndarray] | None:
+        """(labels, hnswlib's distances), nearest first; the caller holds the lock."""
         assert self.index is not None
         n = min(n, len(self.rows))
         if n == 0:
-            return []
+            return [], np.empty(0, dtype=np.float32)
         self.index.set_ef(max(ef, n))
         try:
-            labels, _ = self.index.knn_query(vector, k=n, num_threads=1)
+            labels, distances = self.index.knn_query(vector, k=n, num_threads=1)
         except RuntimeError:  # fewer than n reachable (a graph thinned by deletes)
             return None
-        return labels[0].tolist()
+        return labels[0].tolist(), distances[0]
 
     def search(self, vector: np.ndarray, k: int, ef: int, max_candidates: int) -> list[SearchResult] | None:
         """The k best documents by their best chunk, as longembed.search_vector ranks them
         (015_search.sql: max(4k, 40) candidate chunks, widened 4x while fewer than k documents come
-        back), from this index and its rows alone. Scores are computed from the stored vectors in
-        float64 as search_vector's (cosine similarity, inner product, -L2 distance); ties go by
-        external id. None when hnswlib cannot answer or more than max_candidates would be needed."""
+        back), from this index and its rows alone. Scores are search_vector's (cosine similarity, inner
+        product, -L2 distance) from hnswlib's exact distances to the candidates (float32 sums, as
+        pgvector's); ties go by external id. None when hnswlib cannot answer or more than
+        max_candidates would be needed."""
         n = max(4 * k, 40)
         while True:
-            with self.lock:  # labels, vectors and rows of one moment
-                labels = self._nearest(vector, n, ef)
-                if labels is None:
+            with self.lock:  # labels and rows of one moment
+                found = self._nearest(vector, n, ef)
+                if found is None:
                     return None
-                if not labels:
-                    return []
-                stored = self.index.get_items(labels, return_type="numpy")
-                chunks = [self.rows[label] for label in labels]
-                docs = {label >> ORDINAL_BITS: None for label in labels}
-                docs = {d: self.documents[d] for d in docs}
-            scores = _scores(self.collection.distance, np.asarray(vector, dtype=np.float64), stored)
-            best: dict[int, int] = {}  # document -> index of its best candidate
-            for i, label in enumerate(labels):
-                doc = label >> ORDINAL_BITS
-                if doc not in best or scores[i] > scores[best[doc]]:
-                    best[doc] = i
+                labels, distances = found
+                best: dict[int, int] = {}  # document -> index of its best candidate (nearest first)
+                for i, label in enumerate(labels):
+                    best.setdefault(label >> ORDINAL_BITS, i)
+                chunks = {i: self.rows[labels[i]] for i in best.values()}
+                docs = {d: self.documents[d] for d in best}
             if len(best) >= k or len(labels) < n:
                 break
             if n >= max_candidates:
                 return None
             n = min(4 * n, max_candidates)
+        scores = _scores(self.collection.distance, distances)
         ranked = sorted(best.items(), key=lambda item: (-scores[item[1]], docs[item[0]][0]))[:k]
         results = []
         for doc, i in ranked:
@@ -466,16 +463,16 @@ class CollectionIndex:
             return dict(self.rows), dict(self.documents)
 
 
-def _scores(distance: str, query: np.ndarray, stored: np.ndarray) -> np.ndarray:
-    """search_vector's scores (015_search.sql) in float64: hnswlib's cosine space keeps vectors
-    normalised, so cosine divides by both norms as pgvector does; pgvector also clamps it to [-1, 1]."""
-    stored = stored.astype(np.float64)
+def _scores(distance: str, distances: np.ndarray) -> np.ndarray:
+    """search_vector's scores (015_search.sql) from hnswlib's distances: its cosine space is 1 - the dot
+    product of the normalised vectors, its ip space 1 - the dot product, its l2 space the squared
+    distance. In float64 from there; pgvector clamps a cosine similarity to [-1, 1]."""
+    d = distances.astype(np.float64)
     if distance == "l2":
-        return -np.sqrt(((stored - query) ** 2).sum(axis=1))
-    dots = stored @ query
+        return -np.sqrt(np.maximum(d, 0.0))
     if distance == "ip":
-        return dots
-    return np.clip(dots / np.sqrt((stored * stored).sum(axis=1) * (query @ query)), -1.0, 1.0)
+        return 1.0 - d
+    return np.clip(1.0 - d, -1.0, 1.0)
 
 
 def _settle(conn: psycopg.Connection) -> None:
