@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -45,6 +45,9 @@ INLINE_CHARS = 4096  # requests this small are tokenised on the event loop (tens
 # millisecond, less than a hop to a worker thread and back; larger ones take the hop.
 INLINE_CANDIDATES = 400
 Handler = Callable[[Request], Awaitable[Response]]
+# JSON numbers decode to exactly these (true/false to bool, a subclass of int that is not a number here);
+# one set of the element types costs a 384-number vector ~15 us, isinstance per element ~100 us.
+NUMBER_TYPES = frozenset({int, float})
 
 
 @dataclass(frozen=True)
@@ -296,7 +299,9 @@ def _search_response(collection: Collection, model: str, results: list, index: s
             "object": "list",
             "collection": collection.name,
             "model": model,
-            "data": [asdict(r) for r in results],
+            # Shallow: each result's metadata is its own (parsed per result); asdict's deep copy cost
+            # ~15 us a row.
+            "data": [dict(vars(r)) for r in results],
             "index": index,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
@@ -339,7 +344,7 @@ def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequ
     if vector is not None:
         if query is not None:
             raise invalid("give 'query' (a text) or 'vector' (its embedding), not both", "vector")
-        if not isinstance(vector, list) or not all(_is_number(x) for x in vector):
+        if not isinstance(vector, list) or not {type(x) for x in vector} <= NUMBER_TYPES:
             raise invalid("'vector' must be an array of numbers", "vector")
         if body.get("hybrid"):
             raise invalid("hybrid search needs a text 'query', not a 'vector'", "hybrid")
@@ -377,10 +382,6 @@ def parse_search_request(body: dict[str, Any], config: HostConfig) -> SearchRequ
     return SearchRequest(
         collection, query, k, filter_, hybrid, ef_search, vector, index, mode, weights, fusion, rrf_k
     )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def parse_embedding_request(body: dict[str, Any], config: HostConfig) -> EmbeddingRequest:
