@@ -382,3 +382,48 @@ def test_a_document_change_running_at_registration_reaches_the_rows(dsn, tmp_pat
             assert not done.wait(1.0), "the build did not wait for a transaction older than its registration"
         assert done.wait(30)
         assert [json.loads(meta) for _, meta in index.held_rows()[1].values()] == [{"late": True}]
+
+
+def test_many_chunks_of_few_documents_widen_the_candidates_as_sql_does(dsn, tmp_path):
+    """40 candidate chunks can all be one document's: the search widens 4x at a time until k documents
+    come back, as search_vector does, from memory."""
+    rng = random.Random(12)
+    with connect(dsn) as conn:
+        collection = create_collection(
+            conn, "wide", Dims16(), chunk_tokens=64, overlap=0, search_mode="chunks"
+        )
+        centre = _vector(rng)
+        for i in range(8):  # document i's chunks all lie nearer the centre than document i + 1's
+            away = _vector(rng) * (0.1 * i / np.linalg.norm(centre))
+            text = _text(rng)
+            add_documents(conn, collection, [Document(f"w{i}", text, {"i": i})])
+            doc = _doc_id(conn, collection, f"w{i}")
+            rows = [
+                (doc, o, 0, 5, False, (centre + away + 0.001 * _vector(rng)).astype(np.float32))
+                for o in range(60)
+            ]
+            with conn.cursor() as cur:
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {} (document_id, ordinal, char_start, char_end, n_tokens, truncated, "
+                        "embedding) VALUES (%s, %s, %s, %s, 1, %s, %s)"
+                    ).format(collection.chunk_table),
+                    rows,
+                )
+        fast = FastPath(dsn, ("wide",), tmp_path)
+        fast.start()
+        try:
+            fast.wait_ready("wide", 60)
+            assert {key >> 24 for key in fast.index("wide").nearest(centre, 40, 400)} == {
+                _doc_id(conn, collection, "w0")
+            }
+            for k in (3, 8):
+                got = fast.search(None, collection, centre, k, ef_search=400)
+                want = search_by_vector(conn, collection, centre, k, ef_search=400)
+                assert len(got) == len(want) == k
+                assert [r.external_id for r in got] == [r.external_id for r in want]
+                np.testing.assert_allclose(
+                    [r.score for r in got], [r.score for r in want], rtol=1e-6, atol=1e-6
+                )
+        finally:
+            fast.stop()

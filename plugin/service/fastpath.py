@@ -9,8 +9,8 @@ collection's row: `collection(name)` hands out that copy, so /v1/search needs no
 collection the fast path answers (a dropped or recreated collection is seen within POLL_S).
 
 An unfiltered search is answered from memory alone (CollectionIndex.search: hnswlib's candidates, the
-best chunk per document, scores computed from the stored vectors as search_vector's, and the rows the
-index holds beside its vectors). A filtered search asks hnswlib for candidates (as SQL does: max(4k,
+best chunk per document, search_vector's scores from hnswlib's distances, and the rows the index holds
+beside its vectors). A filtered search asks hnswlib for candidates (as SQL does: max(4k,
 40) chunks), then reads them with their documents' metadata checked in PostgreSQL (jsonb @>) and their
 distances computed there; when too few documents pass, the candidates widen 4x at a time up to
 MAX_CANDIDATES chunks, then the search goes to SQL, whose iterative index scan suits selective filters.
