@@ -479,7 +479,9 @@ def _settle(conn: psycopg.Connection) -> None:
     """Wait until every transaction running when this consumer registered has ended. One that wrote a
     tracked table before the registration committed logged nothing; the build's snapshot, taken after
     this, sees it instead. (The registration's SHARE lock covers the chunk table's writers; this covers
-    longembed.documents' too, whose trigger logs document-row changes.)"""
+    longembed.documents' too, whose trigger logs document-row changes.) Not covered: a REPEATABLE READ or
+    SERIALIZABLE writer whose snapshot predates the registration but which first writes after it (its
+    trigger looks for consumers in that old snapshot); longembed's own writers run in READ COMMITTED."""
     snapshot = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
     while conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_snapshot_xip(%s::pg_snapshot) x "
