@@ -9,6 +9,7 @@ import json
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -344,6 +345,23 @@ def test_http_search_answers_without_the_database(dsn, tmp_path):
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'longembed host search'"
             ).fetchone()[0]
             assert searching == 0, "the fast path took a database connection"
+
+            # While a sync step holds the index (a long catch-up), a search waits in a worker thread, not
+            # on the event loop: /health still answers meanwhile.
+            lock = host.host.fastpath.index("http-rows").lock
+            with lock, ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(
+                    client.post, "/v1/search", json={"collection": "http-rows", "vector": vector, "k": 3}
+                )
+                assert client.get("/health").status_code == 200
+                time.sleep(0.2)
+                assert not pending.done()
+                lock.release()
+                try:
+                    waited = pending.result(timeout=20)
+                finally:
+                    lock.acquire()
+            assert waited.status_code == 200 and waited.json()["index"] == HNSWLIB
 
             filtered = client.post(
                 "/v1/search",

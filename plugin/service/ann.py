@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 
 ORDINAL_BITS = 24
 DOCUMENT_ORDINAL = -1  # the log's key of a document-row change (040_vector_changes.sql)
-APPLY_BATCH = 2048  # rows applied per hold of the lock, so searches interleave with a long catch-up
+# Rows applied per hold of the lock, so searches interleave with a long catch-up: hnswlib inserts a
+# 384-d vector in ~0.2 ms here, so a hold lasts some 50 ms at most.
+APPLY_BATCH = 256
 SETTLE_S = 0.05  # poll interval while waiting for transactions older than a registration
 SPACES = {"cosine": "cosine", "l2": "l2", "ip": "ip"}
 FORMAT = 2  # of the saved files (2: with the rows)
@@ -77,6 +79,10 @@ SNIPPET = sql.SQL("substr(d.text, c.char_start + 1, least(c.char_end - c.char_st
 # metadata as jsonb's text, parsed per result so callers never share the cached object).
 ChunkRow = tuple[int, int, str, bool]
 DocumentRow = tuple[str, str]
+
+
+class Busy(RuntimeError):
+    """The index is being written (a sync step holds its lock) and the caller asked not to wait."""
 
 
 class Rebuild(RuntimeError):
@@ -413,16 +419,21 @@ class CollectionIndex:
             return None
         return labels[0].tolist(), distances[0]
 
-    def search(self, vector: np.ndarray, k: int, ef: int, max_candidates: int) -> list[SearchResult] | None:
+    def search(
+        self, vector: np.ndarray, k: int, ef: int, max_candidates: int, *, wait: bool = True
+    ) -> list[SearchResult] | None:
         """The k best documents by their best chunk, as longembed.search_vector ranks them
         (015_search.sql: max(4k, 40) candidate chunks, widened 4x while fewer than k documents come
         back), from this index and its rows alone. Scores are search_vector's (cosine similarity, inner
         product, -L2 distance) from hnswlib's exact distances to the candidates (float32 sums, as
         pgvector's); ties go by external id. None when hnswlib cannot answer or more than
-        max_candidates would be needed."""
+        max_candidates would be needed. Busy when `wait` is false and a sync step holds the lock (an
+        event loop then hops to a thread rather than stall)."""
         n = max(4 * k, 40)
         while True:
-            with self.lock:  # labels and rows of one moment
+            if not self.lock.acquire(blocking=wait):
+                raise Busy(self.collection.name)
+            try:  # labels and rows of one moment
                 found = self._nearest(vector, n, ef)
                 if found is None:
                     return None
@@ -432,6 +443,8 @@ class CollectionIndex:
                     best.setdefault(label >> ORDINAL_BITS, i)
                 chunks = {i: self.rows[labels[i]] for i in best.values()}
                 docs = {d: self.documents[d] for d in best}
+            finally:
+                self.lock.release()
             if len(best) >= k or len(labels) < n:
                 break
             if n >= max_candidates:

@@ -183,16 +183,18 @@ class FastPath:
         *,
         filter: Mapping[str, Any] | None = None,
         ef_search: int | None = None,
+        wait: bool = True,
     ) -> list[SearchResult] | None:
         """The SQL search's answer through hnswlib; None when the index cannot give it (not ready,
         another collection of the same name, a filter too selective, or a filter and no `conn`): then
-        ask SQL. Without a filter no database is asked."""
+        ask SQL. Without a filter no database is asked. `wait` false: Busy rather than wait for a sync
+        step to let go of the index."""
         index = self.index(collection.name) if self.is_ready(collection.name) else None
         if index is None or index.collection.id != collection.id:
             return None
         query = np.asarray(vector, dtype=np.float32)
         if filter is None:
-            return index.search(query, k, ef_search or DEFAULT_EF, MAX_CANDIDATES)
+            return index.search(query, k, ef_search or DEFAULT_EF, MAX_CANDIDATES, wait=wait)
         if conn is None:
             return None
         n = max(4 * k, 40)

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from longembed.encoder.profiles import KINDS
+from longembed.plugin.service.ann import Busy
 from longembed.plugin.service.batcher import INTERACTIVE, BatcherStopped, QueueFull
 from longembed.plugin.service.errors import ApiError, invalid
 from longembed.plugin.service.fastpath import HNSWLIB, mirrored, search_vector
@@ -144,9 +145,11 @@ def build_app(host: Host) -> Starlette:
             embedded = await _embed_query(host, cached, req)
             if embedded is not None:
                 vector, model, tokens = embedded
-                if max(4 * req.k, 40, req.ef_search or 0) <= INLINE_CANDIDATES:
-                    results = fast.search(None, cached, vector, req.k, ef_search=req.ef_search)
-                else:
+                try:  # on the event loop when small and the index is not being written, else a thread
+                    if max(4 * req.k, 40, req.ef_search or 0) > INLINE_CANDIDATES:
+                        raise Busy(cached.name)
+                    results = fast.search(None, cached, vector, req.k, ef_search=req.ef_search, wait=False)
+                except Busy:
                     results = await run_in_threadpool(
                         fast.search, None, cached, vector, req.k, ef_search=req.ef_search
                     )
