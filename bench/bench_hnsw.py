@@ -178,7 +178,7 @@ def bench_dataset(
             print(f"{kind}: in-process hnswlib index built in {time.perf_counter() - t0:.1f} s", flush=True)
 
             def fast_search(q: np.ndarray, ef: int) -> list[int]:
-                return [int(r.external_id[1:]) for r in fast.search(None, collection, q, 10, ef_search=ef)]
+                return [int(r.external_id[1:]) for r in fast.search(collection, q, 10, ef_search=ef)]
 
             index = fast.index(collection.name).index
 

@@ -20,6 +20,7 @@ from psycopg import sql
 from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
 from longembed.plugin.pipeline.worker import Worker
+from longembed.plugin.service import jsonb
 from longembed.plugin.service.ann import CollectionIndex, label_of
 from longembed.plugin.service.fastpath import HNSWLIB, POLL_S, FastPath
 from longembed.plugin.service.host import HostConfig
@@ -180,7 +181,7 @@ def _random_changes(conn, collection, rng: random.Random, n: int) -> None:
 def _assert_same_as_sql(fast: FastPath, conn, collection, rng: random.Random, queries: int = 10) -> None:
     for _ in range(queries):
         query = _vector(rng)
-        got = fast.search(None, collection, query, 10, ef_search=400)
+        got = fast.search(collection, query, 10, ef_search=400)
         want = search_by_vector(conn, collection, query, 10, ef_search=400)
         assert got is not None and len(got) == len(want)
         assert [r.external_id for r in got] == [r.external_id for r in want]
@@ -323,10 +324,16 @@ def test_http_search_answers_without_the_database(dsn, tmp_path):
                 by_vector = client.post(
                     "/v1/search", json={"collection": "http-rows", "vector": vector, "k": 3, "ef_search": 100}
                 )
+                by_filter = client.post(
+                    "/v1/search",
+                    json={"collection": "http-rows", "query": "bread", "k": 2, "filter": {"topic": "tides"}},
+                )
                 bad = client.post("/v1/search", json={"collection": "http-rows", "vector": [0.5] * 3})
                 bad_k = client.post("/v1/search", json={"collection": "http-rows", "query": "x", "k": 0})
                 locker.rollback()
             assert by_text.status_code == 200 and by_vector.status_code == 200, (by_text.text, by_vector.text)
+            assert by_filter.status_code == 200 and by_filter.json()["index"] == HNSWLIB
+            assert [r["external_id"] for r in by_filter.json()["data"]] == ["tides"]
             assert bad.status_code == 400 and "shape" in bad.json()["error"]["message"]
             assert bad_k.status_code == 400 and "k must be" in bad_k.json()["error"]["message"]
             for body in (by_text.json(), by_vector.json()):
@@ -436,7 +443,7 @@ def test_many_chunks_of_few_documents_widen_the_candidates_as_sql_does(dsn, tmp_
                 _doc_id(conn, collection, "w0")
             }
             for k in (3, 8):
-                got = fast.search(None, collection, centre, k, ef_search=400)
+                got = fast.search(collection, centre, k, ef_search=400)
                 want = search_by_vector(conn, collection, centre, k, ef_search=400)
                 assert len(got) == len(want) == k
                 assert [r.external_id for r in got] == [r.external_id for r in want]
@@ -445,3 +452,70 @@ def test_many_chunks_of_few_documents_widen_the_candidates_as_sql_does(dsn, tmp_
                 )
         finally:
             fast.stop()
+
+
+def _random_json(rng: random.Random, depth: int = 0):
+    """Small JSON values that collide often: numbers in several spellings, true/1/"1", nested arrays."""
+    kinds = ["num", "str", "bool", "null"] + (["obj", "arr"] if depth < 3 else [])
+    kind = rng.choice(kinds)
+    if kind == "num":
+        return rng.choice(["1", "1.0", "1.00", "1e0", "2", "-0", "0", "0.1", "10e-1", "12345678901234567890"])
+    if kind == "str":
+        return json.dumps(
+            rng.choice(["1", "a", "b", "é", "日本", "", "true"]), ensure_ascii=rng.random() < 0.5
+        )
+    if kind == "bool":
+        return rng.choice(["true", "false"])
+    if kind == "null":
+        return "null"
+    if kind == "arr":
+        return "[" + ", ".join(_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))) + "]"
+    keys = rng.sample(["a", "b", "c", "tags"], rng.randint(0, 3))
+    return "{" + ", ".join(f'"{key}": {_random_json(rng, depth + 1)}' for key in keys) + "}"
+
+
+def _random_object(rng: random.Random) -> str:
+    keys = rng.sample(["a", "b", "c", "tags"], rng.randint(0, 3))
+    return "{" + ", ".join(f'"{key}": {_random_json(rng, 1)}' for key in keys) + "}"
+
+
+def test_containment_is_postgresqls(dsn):
+    """jsonb.contains against PostgreSQL's @> on thousands of random pairs (each side written as text,
+    numbers in several spellings); the filter side also as the Python objects a caller sends."""
+    rng = random.Random(21)
+    pairs = []
+    for _ in range(4000):
+        metadata = _random_object(rng)
+        # a filter drawn from the metadata itself half of the time, so that many pairs contain
+        wanted = _random_object(rng) if rng.random() < 0.5 else _sub(json.loads(metadata), rng)
+        pairs.append((metadata, wanted))
+    with connect(dsn) as conn:
+        truth = [
+            r[0]
+            for r in conn.execute(
+                "SELECT m::jsonb @> f::jsonb "
+                "FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS u(m, f, i) ORDER BY i",
+                ([m for m, _ in pairs], [f for _, f in pairs]),
+            )
+        ]
+        stored = [
+            r[0]
+            for r in conn.execute(
+                "SELECT m::jsonb::text FROM unnest(%s::text[]) WITH ORDINALITY AS u(m, i) ORDER BY i",
+                ([m for m, _ in pairs],),
+            )
+        ]
+    assert 0.2 < sum(truth) / len(truth) < 0.8
+    for (_, wanted), text, expected in zip(pairs, stored, truth, strict=True):
+        as_python = json.loads(wanted)  # what an HTTP body or a caller gives: ints and floats
+        assert jsonb.contains(jsonb.parse(text), jsonb.pattern(as_python)) is expected, (text, wanted)
+
+
+def _sub(value, rng: random.Random) -> str:
+    """A random part of `value` (keys and elements dropped), as JSON text."""
+    if isinstance(value, dict):
+        keys = [key for key in value if rng.random() < 0.6]
+        return "{" + ", ".join(f"{json.dumps(key)}: {_sub(value[key], rng)}" for key in keys) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_sub(item, rng) for item in value if rng.random() < 0.6) + "]"
+    return json.dumps(value)

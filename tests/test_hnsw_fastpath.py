@@ -323,7 +323,7 @@ def test_results_agree_with_exact_search_and_with_sql(dsn, tmp_path, parity):
             fast.wait_ready(name, 60)
             for _ in range(10):
                 query = rng.standard_normal(DIM).astype(np.float32)
-                got = fast.search(conn, collection, query, 10, filter=flt, ef_search=400)
+                got = fast.search(collection, query, 10, filter=flt, ef_search=400)
                 assert got is not None
                 exact = _exact(conn, collection, query, 10, parity)
                 assert [r.external_id for r in got] == [e for e, _ in exact]

@@ -9,7 +9,7 @@ transaction commits later is still read (see 0006_vector_changes.sql). `save` wr
 labels and its mark under the host's directory (0700), then lets PostgreSQL prune the log below it;
 `load` takes it back after a restart and the next `sync` catches up.
 
-Rows: beside the vectors the index holds what a search result needs, so an unfiltered search answers
+Rows: beside the vectors the index holds what a search result needs, so a search (filtered too) answers
 without PostgreSQL: per chunk its char span, snippet (computed by PostgreSQL, as search_vector computes
 it) and truncated flag; per document (one with chunks) its external id and metadata (jsonb's text).
 They are read under the same snapshots as the vectors. The chunk table's log names changed chunks; a
@@ -33,6 +33,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -420,16 +421,25 @@ class CollectionIndex:
         return labels[0].tolist(), distances[0]
 
     def search(
-        self, vector: np.ndarray, k: int, ef: int, max_candidates: int, *, wait: bool = True
+        self,
+        vector: np.ndarray,
+        k: int,
+        ef: int,
+        max_candidates: int,
+        *,
+        accept: Callable[[str], bool] | None = None,
+        wait: bool = True,
     ) -> list[SearchResult] | None:
         """The k best documents by their best chunk, as longembed.search_vector ranks them
         (015_search.sql: max(4k, 40) candidate chunks, widened 4x while fewer than k documents come
         back), from this index and its rows alone. Scores are search_vector's (cosine similarity, inner
         product, -L2 distance) from hnswlib's exact distances to the candidates (float32 sums, as
-        pgvector's); ties go by external id. None when hnswlib cannot answer or more than
-        max_candidates would be needed. Busy when `wait` is false and a sync step holds the lock (an
-        event loop then hops to a thread rather than stall)."""
+        pgvector's); ties go by external id. `accept`: which documents count, by their metadata's text
+        (a filter). None when hnswlib cannot answer or more than max_candidates would be needed. Busy
+        when `wait` is false and a sync step holds the lock (an event loop then hops to a thread rather
+        than stall)."""
         n = max(4 * k, 40)
+        verdicts: dict[int, bool] = {}  # document -> accepted, across widenings
         while True:
             if not self.lock.acquire(blocking=wait):
                 raise Busy(self.collection.name)
@@ -438,13 +448,18 @@ class CollectionIndex:
                 if found is None:
                     return None
                 labels, distances = found
-                best: dict[int, int] = {}  # document -> index of its best candidate (nearest first)
+                first: dict[int, int] = {}  # document -> index of its best candidate (nearest first)
                 for i, label in enumerate(labels):
-                    best.setdefault(label >> ORDINAL_BITS, i)
-                chunks = {i: self.rows[labels[i]] for i in best.values()}
-                docs = {d: self.documents[d] for d in best}
+                    first.setdefault(label >> ORDINAL_BITS, i)
+                chunks = {i: self.rows[labels[i]] for i in first.values()}
+                docs = {d: self.documents[d] for d in first}
             finally:
                 self.lock.release()
+            best = first
+            if accept is not None:
+                for doc in first.keys() - verdicts.keys():
+                    verdicts[doc] = accept(docs[doc][1])
+                best = {doc: i for doc, i in first.items() if verdicts[doc]}
             if len(best) >= k or len(labels) < n:
                 break
             if n >= max_candidates:

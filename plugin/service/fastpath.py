@@ -8,11 +8,10 @@ up once, its collection's searches go to SQL (pgvector), as do hybrid searches. 
 collection's row: `collection(name)` hands out that copy, so /v1/search needs no database for a
 collection the fast path answers (a dropped or recreated collection is seen within POLL_S).
 
-An unfiltered search is answered from memory alone (CollectionIndex.search: hnswlib's candidates, the
-best chunk per document, search_vector's scores from hnswlib's distances, and the rows the index holds
-beside its vectors). A filtered search asks hnswlib for candidates (as SQL does: max(4k,
-40) chunks), then reads them with their documents' metadata checked in PostgreSQL (jsonb @>) and their
-distances computed there; when too few documents pass, the candidates widen 4x at a time up to
+A search is answered from memory alone (CollectionIndex.search: hnswlib's candidates, as SQL takes
+them max(4k, 40) chunks, the best chunk per document, search_vector's scores from hnswlib's distances,
+and the rows the index holds beside its vectors). A filter is checked there too, as PostgreSQL's jsonb
+@> decides it (jsonb.py); when too few documents pass, the candidates widen 4x at a time up to
 MAX_CANDIDATES chunks, then the search goes to SQL, whose iterative index scan suits selective filters.
 """
 
@@ -28,18 +27,12 @@ from typing import Any
 import numpy as np
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from longembed.plugin.db import connect
-from longembed.plugin.service.ann import CollectionIndex, Rebuild, Staleness, key_of, private_dir
+from longembed.plugin.service import jsonb
+from longembed.plugin.service.ann import CollectionIndex, Rebuild, Staleness, private_dir
 from longembed.plugin.store.collections import Collection, get_collection
-from longembed.plugin.store.search import (
-    SNIPPET_CHARS,
-    SearchResult,
-    check_arguments,
-    resolve_options,
-    search_by_vector,
-)
+from longembed.plugin.store.search import SearchResult, check_arguments, resolve_options, search_by_vector
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +56,6 @@ class FastPath:
         self._lock = threading.Lock()  # guards _indexes, _ready and _collections
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._operators: dict[str, sql.Composable] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -176,7 +168,6 @@ class FastPath:
 
     def search(
         self,
-        conn: psycopg.Connection | None,
         collection: Collection,
         vector: np.ndarray,
         k: int,
@@ -185,76 +176,25 @@ class FastPath:
         ef_search: int | None = None,
         wait: bool = True,
     ) -> list[SearchResult] | None:
-        """The SQL search's answer through hnswlib; None when the index cannot give it (not ready,
-        another collection of the same name, a filter too selective, or a filter and no `conn`): then
-        ask SQL. Without a filter no database is asked. `wait` false: Busy rather than wait for a sync
-        step to let go of the index."""
+        """The SQL search's answer through hnswlib and the rows held beside it, no database asked; None
+        when the index cannot give it (not ready, another collection of the same name, a filter too
+        selective or not plain JSON): then ask SQL. `wait` false: Busy rather than wait for a sync step
+        to let go of the index."""
         index = self.index(collection.name) if self.is_ready(collection.name) else None
         if index is None or index.collection.id != collection.id:
             return None
+        accept = None
+        if filter is not None:
+            try:
+                wanted = jsonb.pattern(filter)
+            except jsonb.Unsupported:  # SQL's answer, or its error
+                return None
+
+            def accept(metadata: str) -> bool:
+                return jsonb.contains(jsonb.parse(metadata), wanted)
+
         query = np.asarray(vector, dtype=np.float32)
-        if filter is None:
-            return index.search(query, k, ef_search or DEFAULT_EF, MAX_CANDIDATES, wait=wait)
-        if conn is None:
-            return None
-        n = max(4 * k, 40)
-        while True:
-            labels = index.nearest(query, n, ef_search or DEFAULT_EF)
-            if labels is None:
-                return None
-            rows = self._fetch(conn, collection, labels, vector, filter)
-            if len({row[0] for row in rows}) >= k or len(labels) < n:
-                return self._ranked(collection, rows, k)
-            if n >= MAX_CANDIDATES:
-                return None
-            n = min(4 * n, MAX_CANDIDATES)
-
-    @staticmethod
-    def _ranked(collection: Collection, rows: list[tuple], k: int) -> list[SearchResult]:
-        best: dict[str, tuple] = {}
-        for row in rows:  # the best chunk of each document, by PostgreSQL's distance
-            if row[0] not in best or row[1] < best[row[0]][1]:
-                best[row[0]] = row
-        ranked = sorted(best.values(), key=lambda r: (r[1], r[0]))[:k]
-        return [SearchResult(r[0], _score(collection.distance, r[1]), *r[2:]) for r in ranked]
-
-    def _fetch(
-        self,
-        conn: psycopg.Connection,
-        collection: Collection,
-        labels: list[int],
-        vector: np.ndarray,
-        filter: Mapping[str, Any],
-    ) -> list[tuple]:
-        keys = [key_of(label) for label in labels]
-        query = sql.SQL(
-            """SELECT d.external_id, c.embedding {op} %(q)s AS distance, c.ordinal, c.char_start, c.char_end,
-                      substr(d.text, c.char_start + 1, least(c.char_end - c.char_start, {snippet})),
-                      d.metadata, c.truncated
-                 FROM unnest(%(docs)s::bigint[], %(ords)s::integer[]) AS u(document_id, ordinal)
-                 JOIN {table} c ON c.document_id = u.document_id AND c.ordinal = u.ordinal
-                 JOIN longembed.documents d ON d.id = c.document_id
-                WHERE d.metadata @> %(filter)s::jsonb"""
-        ).format(op=self._operator(conn, collection), snippet=SNIPPET_CHARS, table=collection.chunk_table)
-        params = {
-            "q": vector,
-            "docs": [d for d, _ in keys],
-            "ords": [o for _, o in keys],
-            "filter": Jsonb(dict(filter)),
-        }
-        # Prepared: a fixed plan of key lookups, planned once per connection and collection.
-        return conn.execute(query, params, prepare=True).fetchall()
-
-    def _operator(self, conn: psycopg.Connection, collection: Collection) -> sql.Composable:
-        """pgvector's distance operator, schema-qualified (a caller's search_path may not hold it)."""
-        schema = self._operators.get("schema")
-        if schema is None:
-            row = conn.execute(
-                "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
-                "WHERE e.extname = 'vector'"
-            ).fetchone()
-            schema = self._operators["schema"] = sql.Identifier(row[0])
-        return sql.SQL("OPERATOR({}.{})").format(schema, collection.operator)
+        return index.search(query, k, ef_search or DEFAULT_EF, MAX_CANDIDATES, accept=accept, wait=wait)
 
     # -- staleness -----------------------------------------------------------------------------
 
@@ -295,7 +235,7 @@ def search_vector(
     is SQL's, so HTTP, SQL and Python rank alike."""
     check_arguments(k, ef_search, filter)
     if fast is not None and mirrored(collection, mode, weights, fusion, rrf_k):
-        results = fast.search(conn, collection, vector, k, filter=filter, ef_search=ef_search)
+        results = fast.search(collection, vector, k, filter=filter, ef_search=ef_search)
         if results is not None:
             return results, HNSWLIB
     rows = search_by_vector(
@@ -325,8 +265,3 @@ def mirrored(
     score (mode "chunks", or "auto" where the collection chose that). ValueError for bad options."""
     options = resolve_options(collection, mode, weights, fusion, rrf_k)
     return options["fusion"] == "raw" and dict(options["weights"]) == {"chunks": 1.0}
-
-
-def _score(distance: str, value: float) -> float:
-    # As search_vector (015_search.sql): cosine similarity, inner product, -L2 distance.
-    return 1 - value if distance == "cosine" else -value

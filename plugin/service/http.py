@@ -138,7 +138,7 @@ def build_app(host: Host) -> Starlette:
         fast = host.fastpath if req.index == "auto" else None
         cached = fast.collection(req.collection) if fast is not None else None
         embedded = None
-        if cached is not None and req.filter is None and _mirrored(cached, req):
+        if cached is not None and _mirrored(cached, req):
             # Answered from the host's memory: the collection's copy from the last sync step, the query
             # embedded in the batcher, the index and its rows; no database connection, no thread hop
             # unless the work is large.
@@ -148,10 +148,12 @@ def build_app(host: Host) -> Starlette:
                 try:  # on the event loop when small and the index is not being written, else a thread
                     if max(4 * req.k, 40, req.ef_search or 0) > INLINE_CANDIDATES:
                         raise Busy(cached.name)
-                    results = fast.search(None, cached, vector, req.k, ef_search=req.ef_search, wait=False)
+                    results = fast.search(
+                        cached, vector, req.k, filter=req.filter, ef_search=req.ef_search, wait=False
+                    )
                 except Busy:
                     results = await run_in_threadpool(
-                        fast.search, None, cached, vector, req.k, ef_search=req.ef_search
+                        fast.search, cached, vector, req.k, filter=req.filter, ef_search=req.ef_search
                     )
                 if results is not None:
                     return _search_response(cached, model, results, HNSWLIB, tokens)
