@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -98,3 +99,11 @@ def test_quickstart_ingests_searches_and_is_rerunnable(own_home, tmp_path, capsy
         assert summary in result.stdout, result.stdout
         assert f"embedded into {collection} by the model host" in result.stdout, result.stdout
     assert "; 1 documents truncated at 256 tokens" in result.stdout  # full mode: the long text was cut
+    # ... and returns once the host's worker has made search mode auto's choice for the new collection
+    listed = subprocess.run(
+        [sys.executable, "-m", "longembed.plugin.cli", "collection", "list", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    entry = next(c for c in json.loads(listed.stdout) if c["name"] == "qsfull")
+    assert entry["search_mode"] == "auto" and entry["auto_fusion"] is not None, entry

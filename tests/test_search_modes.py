@@ -178,6 +178,22 @@ def _fuse(pools: dict[str, list[tuple[str, float]]], weights, fusion, rrf_k=60) 
     return sorted(((eid, s + constant) for eid, s in fused.items()), key=lambda row: (-row[1], row[0]))
 
 
+@pytest.mark.parametrize("filter", [None, {"half": 1}])
+@pytest.mark.parametrize("n", [1, 3, 8, 40])
+def test_the_chunk_pool_is_search_vectors_ranking_without_its_rows(conn, model, corpus, n, filter):
+    """Fused searches take the chunk signal from search_chunks_pool (no snippets): the same documents,
+    scores and order as search_vector, also where the long text's chunks make it widen its candidates."""
+    vector = embed_query(corpus, "how many vacation days do employees get", model)
+    assert (
+        _pool(conn, corpus, "chunks", "", vector, n, filter)
+        == conn.execute(
+            "SELECT d.external_id, p.score FROM longembed.search_chunks_pool(%s, %s, %s, %s) p "
+            "JOIN longembed.documents d ON d.id = p.document_id",
+            (corpus.id, vector, n, filter and Jsonb(filter)),
+        ).fetchall()
+    )
+
+
 @pytest.mark.parametrize("fusion", ["rrf", "minmax", "zscore"])
 @pytest.mark.parametrize(
     "weights", [{"dense": 1, "chunks": 1, "lexical": 1}, {"dense": 0.5, "lexical": 2}, {"chunks": 1}]

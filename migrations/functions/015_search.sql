@@ -92,13 +92,17 @@ BEGIN
                FROM longembed.%2$I c %3$s
                ORDER BY c.embedding %1$s $1
                LIMIT $2),
-           best AS (SELECT DISTINCT ON (document_id) * FROM cand ORDER BY document_id, distance)
-           SELECT d.external_id, b.distance, b.ordinal, b.char_start, b.char_end,
-                  substr(d.text, b.char_start + 1, least(b.char_end - b.char_start, 300)) AS snippet,
-                  d.metadata, b.truncated, (SELECT count(*) FROM cand)::integer AS n_candidates
-           FROM best b JOIN longembed.documents d ON d.id = b.document_id
-           ORDER BY b.distance, d.external_id
-           LIMIT $3$q$,
+           best AS (SELECT DISTINCT ON (document_id) * FROM cand ORDER BY document_id, distance),
+           -- the k best first, then their snippets: each cut reads the whole (maybe long) text
+           top AS (SELECT d.external_id, d.text, d.metadata, b.*
+                   FROM best b JOIN longembed.documents d ON d.id = b.document_id
+                   ORDER BY b.distance, d.external_id
+                   LIMIT $3)
+           SELECT t.external_id, t.distance, t.ordinal, t.char_start, t.char_end,
+                  substr(t.text, t.char_start + 1, least(t.char_end - t.char_start, 300)) AS snippet,
+                  t.metadata, t.truncated, (SELECT count(*) FROM cand)::integer AS n_candidates
+           FROM top t
+           ORDER BY t.distance, t.external_id$q$,
         v_op, 'chunks_' || c.id,
         CASE WHEN p_filter IS NULL THEN ''
              ELSE 'JOIN longembed.documents fd ON fd.id = c.document_id AND fd.metadata @> $4' END);
@@ -189,6 +193,69 @@ BEGIN
     IF v_old_iter IS NOT NULL THEN
         PERFORM set_config('hnsw.iterative_scan', v_old_iter, true);
     END IF;
+END;
+$$;
+
+-- The chunk signal: (document_id, score) of the p_n documents with the best chunks, best first: the
+-- documents, scores and order of longembed.search_vector(name, p_query, p_n, ...) (the same candidate
+-- list, widened the same way), without what only a result row needs. search_vector reads each document's
+-- text for its snippet: for a pool of 100 long documents that is most of a fused search's time.
+CREATE OR REPLACE FUNCTION longembed.search_chunks_pool(
+    p_collection_id bigint, p_query vector, p_n integer, p_filter jsonb DEFAULT NULL,
+    p_ef_search integer DEFAULT NULL)
+RETURNS TABLE (document_id bigint, score double precision)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    c          longembed.collections%ROWTYPE;
+    v_n        integer := greatest(4 * p_n, 40);
+    v_old_ef   text := current_setting('hnsw.ef_search', true);
+    v_old_iter text := current_setting('hnsw.iterative_scan', true);
+    v_sql      text;
+    v_ids      bigint[];
+    v_scores   float8[];
+    v_count    integer;
+BEGIN
+    SELECT * INTO c FROM longembed.collections WHERE id = p_collection_id;
+    IF p_ef_search IS NOT NULL THEN
+        PERFORM set_config('hnsw.ef_search', p_ef_search::text, true);
+    END IF;
+    IF v_old_iter IS NOT NULL THEN
+        PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+    END IF;
+    v_sql := format(
+        $q$WITH cand AS MATERIALIZED (
+               SELECT c.document_id, c.embedding %1$s $1 AS distance
+               FROM longembed.%2$I c %3$s
+               ORDER BY c.embedding %1$s $1
+               LIMIT $2),
+           best AS (SELECT cand.document_id, min(cand.distance) AS distance FROM cand GROUP BY 1),
+           top AS (SELECT b.document_id, b.distance, d.external_id
+                   FROM best b JOIN longembed.documents d ON d.id = b.document_id
+                   ORDER BY b.distance, d.external_id
+                   LIMIT $3)
+           SELECT array_agg(t.document_id ORDER BY t.distance, t.external_id),
+                  array_agg(CASE $5 WHEN 'cosine' THEN 1 - t.distance ELSE -t.distance END
+                            ORDER BY t.distance, t.external_id),
+                  (SELECT count(*) FROM cand)::integer
+           FROM top t$q$,
+        CASE c.distance WHEN 'cosine' THEN '<=>' WHEN 'l2' THEN '<->' ELSE '<#>' END, 'chunks_' || c.id,
+        CASE WHEN p_filter IS NULL THEN ''
+             ELSE 'JOIN longembed.documents fd ON fd.id = c.document_id AND fd.metadata @> $4' END);
+    LOOP  -- widen as search_vector does
+        EXECUTE v_sql INTO v_ids, v_scores, v_count USING p_query, v_n, p_n, p_filter, c.distance;
+        EXIT WHEN coalesce(cardinality(v_ids), 0) >= p_n OR v_count < v_n OR v_n >= 20000;
+        v_n := least(4 * v_n, 20000);
+    END LOOP;
+    IF p_ef_search IS NOT NULL THEN
+        PERFORM set_config('hnsw.ef_search', v_old_ef, true);
+    END IF;
+    IF v_old_iter IS NOT NULL THEN
+        PERFORM set_config('hnsw.iterative_scan', v_old_iter, true);
+    END IF;
+    RETURN QUERY SELECT u.id, u.score FROM unnest(v_ids, v_scores) WITH ORDINALITY AS u(id, score, nr)
+                 ORDER BY u.nr;
 END;
 $$;
 
@@ -366,12 +433,13 @@ BEGIN
                FROM normed n GROUP BY n.document_id, n.external_id
                ORDER BY 3 DESC, n.external_id
                LIMIT $4)
-           SELECT f.external_id, f.score, b.ordinal, b.char_start, b.char_end, b.snippet, d.metadata,
+           -- the snippet is cut once per result, not per chunk compared (each cut reads the whole text)
+           SELECT f.external_id, f.score, b.ordinal, b.char_start, b.char_end,
+                  substr(d.text, b.char_start + 1, least(b.char_end - b.char_start, 300)), d.metadata,
                   b.truncated
            FROM fused f JOIN longembed.documents d ON d.id = f.document_id
            LEFT JOIN LATERAL (
-               SELECT ch.ordinal, ch.char_start, ch.char_end, ch.truncated,
-                      substr(d.text, ch.char_start + 1, least(ch.char_end - ch.char_start, 300)) AS snippet
+               SELECT ch.ordinal, ch.char_start, ch.char_end, ch.truncated
                FROM longembed.%1$I ch WHERE ch.document_id = f.document_id
                ORDER BY CASE WHEN $3 IS NULL THEN 0 ELSE ch.embedding %2$s $3 END, ch.ordinal
                LIMIT 1) b ON true
@@ -383,9 +451,8 @@ BEGIN
                 $p$SELECT 'dense' AS signal, p.document_id, p.score, $7::float8 AS weight
                    FROM longembed.search_dense_pool($9, $3, $10, $5, $6) p$p$ END,
             CASE WHEN v_chunks > 0 THEN
-                $p$SELECT 'chunks' AS signal, d.id AS document_id, v.score, $8::float8 AS weight
-                   FROM longembed.search_vector($1, $3, $10, $5, $6) v
-                   JOIN longembed.documents d ON d.collection_id = $9 AND d.external_id = v.external_id$p$ END,
+                $p$SELECT 'chunks' AS signal, p.document_id, p.score, $8::float8 AS weight
+                   FROM longembed.search_chunks_pool($9, $3, $10, $5, $6) p$p$ END,
             CASE WHEN v_lexical > 0 THEN
                 $p$SELECT 'lexical' AS signal, l.document_id, l.score, $11::float8 AS weight
                    FROM longembed.search_lexical_pool($9, $2, $10, $5) l$p$ END], ' UNION ALL '))

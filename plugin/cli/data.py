@@ -503,6 +503,7 @@ def _embed_by_host(conn: psycopg.Connection, collection, host, started, progress
                 return None
             bar.update(max(0, remaining - now))
             remaining = now
+    _await_auto_choice(conn, collection)
     truncated = conn.execute(
         sql.SQL(
             "SELECT count(DISTINCT c.document_id) FROM {} c "
@@ -523,6 +524,26 @@ def _embed_by_host(conn: psycopg.Connection, collection, host, started, progress
     else:
         print(line)
     return failed
+
+
+def _await_auto_choice(conn: psycopg.Connection, collection) -> None:
+    """The host's worker makes search mode auto's choice once the queue is drained, a moment after the
+    last document: wait for it, so that a search right after `ingest` already ranks as auto chose."""
+    from longembed.plugin.store.calibrate import due
+    from longembed.plugin.store.collections import get_collection
+
+    if collection.search_mode != "auto":
+        return
+    deadline = time.monotonic() + HOST_STALL_S
+    while due(conn, get_collection(conn, collection.name)):
+        if time.monotonic() > deadline:
+            print(
+                "the model host has not made search mode auto's choice yet; searches use dense until it "
+                f"does (or run `longembed collection calibrate -c {collection.name}`)",
+                file=sys.stderr,
+            )
+            return
+        time.sleep(0.25)
 
 
 def _host_max_tokens(host, collection) -> int | str:

@@ -192,16 +192,13 @@ def _signal_ranks(
 def _pool(
     conn: psycopg.Connection, collection: Collection, signal: str, query: str, qv: np.ndarray
 ) -> list[tuple[str, float]]:
-    if signal == "chunks":
-        statement = "SELECT external_id, score FROM longembed.search_vector(%s, %s, %s)"
-        return conn.execute(statement, (collection.name, qv, POOL)).fetchall()
-    function = "search_dense_pool" if signal == "dense" else "search_lexical_pool"
+    function = f"search_{signal}_pool"  # 015_search.sql: the pools a fused search uses
     return conn.execute(
         sql.SQL(
             "SELECT d.external_id, p.score FROM longembed.{}(%s, %s, %s) p "
             "JOIN longembed.documents d ON d.id = p.document_id ORDER BY p.score DESC, d.external_id"
         ).format(sql.Identifier(function)),
-        (collection.id, qv if signal == "dense" else query, POOL),
+        (collection.id, query if signal == "lexical" else qv, POOL),
     ).fetchall()
 
 
