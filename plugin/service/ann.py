@@ -33,7 +33,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, KeysView
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,7 +138,8 @@ class CollectionIndex:
         self.loaded = False  # taken from disk (then caught up), not built
 
     @property
-    def live(self):  # the labels in the index (a view: no copy)
+    def live(self) -> KeysView[int]:
+        """The labels in the index (a view of the rows' keys: no copy)."""
         return self.rows.keys()
 
     # -- from PostgreSQL -----------------------------------------------------------------------
