@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnx", "torch")
 ARCHITECTURES = ("bert", "jina_bert")
-EXPORT_FORMAT = 2  # bump when PackedEncoder's graph changes: cached files of older formats are ignored
+EXPORT_FORMAT = 3  # bump when PackedEncoder's graph changes: cached files of older formats are ignored
 OPSET = 17
 MAX_SEQ_TOKENS = 1024  # longest sequence the load-time check and the graph are meant for
 # Batches up to this many tokens run on ONNX Runtime (a query: ~3x faster than torch's op dispatch),
@@ -117,22 +117,54 @@ class PackedEncoder(nn.Module):
         if not self.alibi:
             x = x + m.position_embeddings(position_ids)
         x = m.embedding_norm(x)  # (T, hidden)
-        bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * _MASKED  # (B, 1, 1, n)
+        mask = attention_mask.to(torch.int32)  # (B, n) 1 = a real key
+        alibi = None
         if self.alibi:
             pos = torch.arange(n, device=x.device)
-            bias = bias + self.neg_slopes * (pos[:, None] - pos[None, :]).abs().to(x.dtype)
+            alibi = self.neg_slopes * (pos[:, None] - pos[None, :]).abs().to(x.dtype)  # (1, heads, n, n)
         hidden = x.shape[-1]
         for layer in m.layers:
             att = layer.attention
-            head_dim = hidden // att.heads
-            qkv = att.qkv(x)[pad_index]  # (B, n, 3 * hidden)
-            qkv = qkv.view(batch, n, 3, att.heads, head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, n, head_dim)
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (head_dim**-0.5) + bias
-            ctx = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(batch * n, hidden)
+            q, k, v = att.qkv(x)[pad_index].split(hidden, dim=-1)  # 3 x (B, n, hidden)
+            ctx = MultiHeadAttention.apply(q, k, v, mask, alibi, att.heads).reshape(batch * n, hidden)
             x = att.norm(att.dense(ctx[unpad_index]) + x)
             x = layer.mlp(x)
         return x
+
+
+class MultiHeadAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(head_dim) + bias) v on padded (B, n, hidden) q, k, v, with padding keys
+    masked and an optional additive (1, heads, n, n) bias (ALiBi). Exported as one com.microsoft
+    MultiHeadAttention node: ONNX Runtime's fused CPU kernel, which replaces about 15 small nodes per
+    layer (reshapes, transposes, two matmuls, softmax) and measured faster here (bench/RESULTS.md).
+    The forward below is what the trace runs; the load-time check compares the session against the
+    PyTorch model itself."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, alibi, heads: int):
+        batch, n, hidden = q.shape
+        head_dim = hidden // heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, n, heads, head_dim).transpose(1, 2)  # (B, heads, n, head_dim)
+
+        bias = (1.0 - mask.to(q.dtype))[:, None, None, :] * _MASKED
+        if alibi is not None:
+            bias = bias + alibi
+        scores = torch.matmul(split(q), split(k).transpose(-1, -2)) * head_dim**-0.5 + bias
+        out = torch.matmul(torch.softmax(scores, dim=-1), split(v))
+        return out.transpose(1, 2).reshape(batch, n, hidden)
+
+    @staticmethod
+    def symbolic(g, q, k, v, mask, alibi, heads: int):
+        from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor
+
+        # inputs: query, key, value, bias (none: the projection's bias is in its Gemm), key_padding_mask
+        # (B, n) int32, attention_bias
+        inputs = [q, k, v, _optional_input_placeholder_tensor(g), mask]
+        if alibi is not None:
+            inputs.append(alibi)
+        return g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=heads)
 
 
 class OnnxEncoder:

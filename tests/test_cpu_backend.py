@@ -55,10 +55,18 @@ def exports(folder: Path) -> list[Path]:
     return sorted((folder / "longembed-onnx").glob("*.onnx"))
 
 
+def fused_attention_nodes(path: Path) -> int:
+    """ONNX Runtime's fused MultiHeadAttention nodes in an export (one per layer when the fusion held)."""
+    import onnx
+
+    return sum(node.op_type == "MultiHeadAttention" for node in onnx.load(str(path)).graph.node)
+
+
 def test_minilm_on_onnx_runtime_matches_sentence_transformers(minilm, minilm_torch):
     from sentence_transformers import SentenceTransformer
 
     assert minilm.info.backend == "onnxruntime" and minilm.info.backend_note == ""
+    assert fused_attention_nodes(minilm._onnx.path) == len(minilm.module.layers) == 6
     assert (
         minilm_torch.info.backend == "torch"
         and minilm_torch.info.backend_note == "LONGEMBED_CPU_BACKEND=torch"
@@ -89,6 +97,7 @@ def test_jinabert_on_onnx_runtime_matches_the_reference(jina):
     folder, config, state = jina
     model = load_model(folder, device="cpu")
     assert model.info.backend == "onnxruntime"
+    assert fused_attention_nodes(model._onnx.path) == config["num_hidden_layers"]  # ALiBi as its bias
     long_text = "the quick brown fox jumps over the lazy dog " * 140  # a batch of its own: on PyTorch
     texts = [*TEXTS, long_text]
     assert model.count_tokens([long_text])[0] > onnx_cpu.SMALL_BATCH_TOKENS
