@@ -51,6 +51,9 @@ MAX_SEQ_TOKENS = 1024  # longest sequence the load-time check and the graph are 
 # Batches up to this many tokens run on ONNX Runtime (a query: ~3x faster than torch's op dispatch),
 # larger ones on the packed PyTorch path (~1.4x faster than this graph for bulk work, bench/RESULTS.md).
 SMALL_BATCH_TOKENS = 256
+# Batches up to this many tokens (the batcher's inline queries) run on a session with QUERY_THREADS.
+QUERY_TOKENS = 64
+QUERY_THREADS = 4  # at most; more threads barely help a dozen-row matmul
 DEFAULT_MIN_COSINE = 0.99999
 # Sequences in one session run: the shortest at least this share of the longest. Only attention is
 # padded, so a wide spread costs little (MiniLM: attention at 256 tokens is ~10 % of a token's FLOPs).
@@ -164,24 +167,33 @@ class MultiHeadAttention(torch.autograd.Function):
         inputs = [q, k, v, _optional_input_placeholder_tensor(g), mask]
         if alibi is not None:
             inputs.append(alibi)
-        return g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=heads)
+        out = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=heads)
+        out.setType(q.type())  # (B, n, hidden) as the query: the exporter cannot infer a contrib op's
+        return out
 
 
 class OnnxEncoder:
-    """One ONNX Runtime session: packed `Sequence`s in, pooled L2-normalised rows out."""
+    """ONNX Runtime sessions of one export: packed `Sequence`s in, pooled L2-normalised rows out.
 
-    def __init__(self, session, path: Path) -> None:
+    `query_session` serves batches of at most QUERY_TOKENS (one short query is a handful of matmuls
+    with a dozen rows each, bound by reading the weights, so a second core nearly halves it); it is
+    `session` itself when that already has as many threads."""
+
+    def __init__(self, session, path: Path, query_session=None) -> None:
         self.session = session
+        self.query_session = query_session if query_session is not None else session
         self.path = path
         self._inputs = {i.name for i in session.get_inputs()}  # the exporter drops unused ones
 
     def forward(self, sequences: list[Sequence]) -> np.ndarray:
         """Rows per pool span, in the order of the sequences and their spans (as forward_batch)."""
+        small = sum(len(s.ids) for s in sequences) <= QUERY_TOKENS
+        session = self.query_session if small else self.session
         starts = np.cumsum([0] + [len(s.pool_spans) for s in sequences])
         out: np.ndarray | None = None
         for group in attention_groups([len(s.ids) for s in sequences]):
             feed, offsets = self._feed([sequences[i] for i in group])
-            (hidden,) = self.session.run(None, {k: v for k, v in feed.items() if k in self._inputs})
+            (hidden,) = session.run(None, {k: v for k, v in feed.items() if k in self._inputs})
             if out is None:
                 out = np.empty((int(starts[-1]), hidden.shape[-1]), dtype=np.float32)
             for i, offset in zip(group, offsets, strict=True):
@@ -191,6 +203,16 @@ class OnnxEncoder:
 
     @staticmethod
     def _feed(sequences: list[Sequence]) -> tuple[dict[str, np.ndarray], list[int]]:
+        if len(sequences) == 1:  # a query: no padding, every index is the identity
+            slots = np.arange(len(sequences[0].ids), dtype=np.int64)
+            feed = {
+                "input_ids": np.asarray(sequences[0].ids, dtype=np.int64),
+                "position_ids": slots,
+                "pad_index": slots[None, :],
+                "attention_mask": np.ones((1, len(slots)), dtype=np.int64),
+                "unpad_index": slots,
+            }
+            return feed, [0]
         lengths = [len(s.ids) for s in sequences]
         n = max(lengths)
         offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
@@ -251,7 +273,7 @@ def load_onnx(
     key = cache_key(architecture, config, revision)
     path, fresh = _cached_or_exported(module, name, folder, key)
     checks = check_sequences(vocab_size, min(max_tokens, MAX_SEQ_TOKENS))
-    encoder = OnnxEncoder(_session(path.read_bytes()), path)
+    encoder = _encoder(path)
     worst = _agreement(encoder, torch_forward, checks)
     if worst < min_cosine() and not fresh:  # a cached file that gives other vectors: export again
         log.warning(
@@ -260,7 +282,7 @@ def load_onnx(
             worst,
         )
         path = _export(module, path.parent, path.name)
-        encoder = OnnxEncoder(_session(path.read_bytes()), path)
+        encoder = _encoder(path)
         worst = _agreement(encoder, torch_forward, checks)
     if worst < min_cosine():
         raise OnnxUnavailable(
@@ -383,12 +405,22 @@ def _export(module: nn.Module, directory: Path, file_name: str) -> Path:
     return path
 
 
-def _session(model: bytes):
+def _encoder(path: Path) -> OnnxEncoder:
+    """A session with the encoder's (torch's) thread count, and one for queries with every core up to
+    QUERY_THREADS when that is more (the host gives torch one core less than the machine has)."""
+    model = path.read_bytes()
+    threads = torch.get_num_threads()
+    query_threads = min(QUERY_THREADS, len(os.sched_getaffinity(0)))
+    query = _session(model, query_threads) if query_threads > threads else None
+    return OnnxEncoder(_session(model, threads), path, query)
+
+
+def _session(model: bytes, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()  # the encoder's thread count
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
@@ -412,9 +444,12 @@ def check_sequences(vocab_size: int, max_tokens: int) -> list[Sequence]:
 def _agreement(
     encoder: OnnxEncoder, torch_forward: Callable[[list[Sequence]], np.ndarray], checks: list[Sequence]
 ) -> float:
+    """The worst cosine of the pooled rows: the checks as one batch (the bulk session), and each short
+    one alone (the query session and the single-sequence feed)."""
+    alone = [i for i, s in enumerate(checks) if len(s.ids) <= QUERY_TOKENS]
     try:
-        ours = encoder.forward(checks)
+        ours = np.concatenate([encoder.forward(checks)] + [encoder.forward([checks[i]]) for i in alone])
     except Exception as exc:  # onnxruntime's own error types
         raise OnnxUnavailable(f"ONNX Runtime cannot run the export: {exc}") from None
     reference = torch_forward(checks)
-    return float((ours * reference).sum(axis=1).min())
+    return float((ours * np.concatenate([reference, reference[alone]])).sum(axis=1).min())

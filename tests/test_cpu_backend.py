@@ -108,6 +108,34 @@ def test_jinabert_on_onnx_runtime_matches_the_reference(jina):
     assert np.abs(long_only - reference[-1:]).max() <= 1e-5
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: queries share the bulk session")
+def test_short_batches_run_on_a_query_session_with_more_threads(jina):
+    """As in the host (torch on one core less than the machine has): batches of at most QUERY_TOKENS
+    go to a second session with more threads, and give the reference's vectors like the bulk one."""
+    import torch
+
+    folder, config, state = jina
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_model(folder, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    encoder = model._onnx
+    assert encoder.query_session is not encoder.session
+    assert encoder.query_session.get_session_options().intra_op_num_threads == min(
+        onnx_cpu.QUERY_THREADS, len(os.sched_getaffinity(0))
+    )
+    assert encoder.session.get_session_options().intra_op_num_threads == 1
+    reference = reference_embed(folder, state, config, TEXTS).numpy()
+    small = []
+    for i, text in enumerate(TEXTS):
+        sequences = model.prepare([text], "full").sequences
+        small.append(sum(len(s.ids) for s in sequences) <= onnx_cpu.QUERY_TOKENS)
+        assert np.abs(encoder.forward(sequences) - reference[i]).max() <= 1e-5
+    assert small == [True, True, True, False, True, False]  # both sessions served
+
+
 def test_export_is_reused_and_replaced_when_the_weights_change(jina, caplog):
     folder, config, _ = jina
     caplog.set_level(logging.INFO, logger="longembed.encoder.onnx_cpu")
