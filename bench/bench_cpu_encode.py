@@ -11,7 +11,9 @@ included, padding not credited). The peak is the best fp32 matmul GFLOP/s measur
 (torch and ONNX Runtime's MatMul, 2048^3); bf16's peak is torch's bf16 matmul. The ONNX Runtime peer
 is what a user would build: Hugging Face's BertModel exported with torch.onnx.export, graph
 optimisations on, the same thread count, length-sorted batches of 32 padded to their longest text,
-mean pooling over the mask.
+mean pooling over the mask; its fused variant also runs ONNX Runtime's BERT optimizer
+(onnxruntime.transformers.optimizer: fused Attention, SkipLayerNormalization, BiasGelu), as
+ONNX Runtime's own BERT recipe does.
 """
 
 from __future__ import annotations
@@ -86,13 +88,18 @@ def matmul_peaks(threads: int, n: int = 2048) -> dict[str, float]:
 
 
 class OrtPeer:
-    """Hugging Face BertModel -> torch.onnx.export -> ONNX Runtime; padded length-sorted batches."""
+    """Hugging Face BertModel -> torch.onnx.export -> ONNX Runtime; padded length-sorted batches.
 
-    def __init__(self, folder: Path, threads: int, tmp: str) -> None:
-        from transformers import AutoModel, AutoTokenizer
+    fused: the model in its eager attention (the form ONNX Runtime's BERT fusions recognise) and the
+    export run through onnxruntime.transformers.optimizer (EmbedLayerNormalization, Attention,
+    SkipLayerNormalization, BiasGelu), as ONNX Runtime's own BERT recipe does."""
+
+    def __init__(self, folder: Path, threads: int, tmp: str, fused: bool = False) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModel.from_pretrained(str(folder)).eval()
+        extra = {"attn_implementation": "eager"} if fused else {}
+        model = AutoModel.from_pretrained(str(folder), **extra).eval()
 
         class Hidden(torch.nn.Module):
             def __init__(self, m) -> None:
@@ -103,7 +110,7 @@ class OrtPeer:
                 return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
         ids = torch.tensor([[101, 2023, 2003, 102], [101, 7592, 102, 0]])
-        path = f"{tmp}/peer.onnx"
+        path = f"{tmp}/peer{'-fused' if fused else ''}.onnx"
         axes = {0: "batch", 1: "seq"}
         torch.onnx.export(
             Hidden(model),
@@ -115,7 +122,28 @@ class OrtPeer:
             output_names=["hidden"],
             dynamic_axes={"input_ids": axes, "attention_mask": axes, "hidden": axes},
         )
+        if fused:
+            from onnxruntime.transformers.optimizer import optimize_model
+
+            config = AutoConfig.from_pretrained(str(folder))
+            optimized = optimize_model(
+                path, model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
+            )
+            fusions = optimized.get_fused_operator_statistics()
+            assert fusions["Attention"] == config.num_hidden_layers, fusions  # else not the fused peer
+            optimized.save_model_to_file(path)
         self.session = ort_session(path, threads)
+
+    def query(self, text: str) -> np.ndarray:
+        """One text: tokenise, run, mean-pool, normalise (what a user's query path does)."""
+        enc = self.tokenizer([text], return_tensors="np")
+        feed = {
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+        }
+        (hidden,) = self.session.run(None, feed)
+        mean = hidden[0].mean(0)
+        return mean / np.linalg.norm(mean)
 
     def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
@@ -161,6 +189,7 @@ def mixed(args, threads: int, peaks: dict, tmp: str) -> None:
     folder = default._m.folder
     models = {"torch fp32": load("torch"), "default fp32": default, "bf16": load("auto", "bf16")}
     peer = OrtPeer(folder, threads, tmp)
+    fused_peer = OrtPeer(folder, threads, tmp, fused=True)
     st = SentenceTransformer(str(folder), device="cpu")
     lengths = [min(n, default.info.max_tokens - 2) + 2 for n in default.count_tokens(texts)]
     n_tokens, fpt = sum(lengths), flops_per_token(default._m.config, lengths)
@@ -171,6 +200,9 @@ def mixed(args, threads: int, peaks: dict, tmp: str) -> None:
     )
     systems = {f"longembed {k} ({m.info.backend})": (lambda m=m: m.embed(texts)) for k, m in models.items()}
     systems["ONNX Runtime peer (HF export, padded batches of 32)"] = lambda: peer.embed(texts)
+    systems["ONNX Runtime peer, fused (HF eager export + ORT BERT optimizer, batches of 32)"] = lambda: (
+        fused_peer.embed(texts)
+    )
     systems["sentence-transformers fp32 (batch 32)"] = lambda: st.encode(
         texts, batch_size=32, normalize_embeddings=True
     )
@@ -240,14 +272,18 @@ def jina(args, peaks: dict, tmp: str) -> None:
         )
 
 
-def queries(args) -> None:
-    """One short query at a time through what the host runs: ServedModel.plan -> Batcher -> finish."""
+def queries(args, tmp: str) -> None:
+    """One short query at a time through what the host runs: ServedModel.plan -> Batcher -> finish;
+    the ONNX Runtime peers' own query path (tokenise, run, pool) beside it."""
     from longembed.plugin.service.batcher import INTERACTIVE, Batcher
     from longembed.plugin.service.served import ServedModel
 
     print(f"\n## One {QUERY!r} query at a time through the host's batcher ({load_average()} before)\n")
-    print("| backend | torch/ORT threads | batcher path | p50 ms | p99 ms | model alone p50 ms |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| backend | torch threads | ORT query threads | batcher path | p50 ms | p99 ms | model alone p50 ms"
+        " |"
+    )
+    print("|---|---|---|---|---|---|---|")
     cores = os.cpu_count() or 2
     variants = [("torch", None), ("auto", "PASSIVE"), ("auto", None)]  # ORT spinning off (as the host) / on
     for threads in sorted({max(1, cores - 1), cores}):
@@ -258,6 +294,9 @@ def queries(args) -> None:
             model = load(backend)
             os.environ.pop("OMP_WAIT_POLICY", None)
             spin = "" if backend == "torch" else (", no spinning" if wait_policy else ", spinning")
+            ort_threads = "-"
+            if model._onnx is not None:
+                ort_threads = str(model._onnx.query_session.get_session_options().intra_op_num_threads)
             assert len(model.prepare([QUERY], "full", kind="query").sequences[0].ids) == 12
             for inline in (64, 0):
                 batcher = Batcher(model.forward_batch, model.info.dim, inline_tokens=inline)
@@ -275,9 +314,15 @@ def queries(args) -> None:
                 p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
                 path = "caller's thread (inline)" if inline else "batcher thread"
                 print(
-                    f"| {model.info.backend}{spin} | {threads} | {path} | {p50:.2f} | {p99:.2f} | "
-                    f"{np.median(alone) * 1000:.2f} |"
+                    f"| {model.info.backend}{spin} | {threads} | {ort_threads} | {path} | {p50:.2f} | "
+                    f"{p99:.2f} | {np.median(alone) * 1000:.2f} |"
                 )
+        folder = model._m.folder
+        for name, fused in (("ONNX Runtime peer", False), ("ONNX Runtime peer, fused", True)):
+            peer = OrtPeer(folder, threads, tmp, fused=fused)
+            alone = [_timed(lambda p=peer: p.query(QUERY)) for _ in range(args.queries)][10:]
+            p50, p99 = np.percentile(np.array(alone) * 1000, [50, 99])
+            print(f"| {name} (spinning) | - | {threads} | its own (no batcher) | {p50:.2f} | {p99:.2f} | - |")
     print(f"\n({load_average()} after)")
 
 
@@ -307,8 +352,8 @@ def main() -> None:
             mixed(args, threads, peaks, tmp)
         if not args.only or "jina" in args.only:
             jina(args, peaks, tmp)
-    if not args.only or "queries" in args.only:
-        queries(args)
+        if not args.only or "queries" in args.only:
+            queries(args, tmp)
 
 
 if __name__ == "__main__":
