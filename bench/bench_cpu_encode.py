@@ -293,7 +293,11 @@ def queries(args, tmp: str) -> None:
                 os.environ["OMP_WAIT_POLICY"] = wait_policy
             model = load(backend)
             os.environ.pop("OMP_WAIT_POLICY", None)
-            spin = "" if backend == "torch" else (", no spinning" if wait_policy else ", spinning")
+            spin = (
+                ""
+                if backend == "torch"
+                else (", OMP_WAIT_POLICY=PASSIVE as the host" if wait_policy else ", default spinning")
+            )
             ort_threads = "-"
             if model._onnx is not None:
                 ort_threads = str(model._onnx.query_session.get_session_options().intra_op_num_threads)
