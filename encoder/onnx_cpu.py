@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -54,6 +55,7 @@ SMALL_BATCH_TOKENS = 256
 # Batches up to this many tokens (the batcher's inline queries) run on a session with QUERY_THREADS.
 QUERY_TOKENS = 64
 QUERY_THREADS = 4  # at most; more threads barely help a dozen-row matmul
+PROBE_EVERY = 16  # small batches: one in this many runs on the session that looked slower
 DEFAULT_MIN_COSINE = 0.99999
 # Sequences in one session run: the shortest at least this share of the longest. Only attention is
 # padded, so a wide spread costs little (MiniLM: attention at 256 tokens is ~10 % of a token's FLOPs).
@@ -175,20 +177,40 @@ class MultiHeadAttention(torch.autograd.Function):
 class OnnxEncoder:
     """ONNX Runtime sessions of one export: packed `Sequence`s in, pooled L2-normalised rows out.
 
-    `query_session` serves batches of at most QUERY_TOKENS (one short query is a handful of matmuls
-    with a dozen rows each, bound by reading the weights, so a second core nearly halves it); it is
-    `session` itself when that already has as many threads."""
+    `query_session` (when there is one: more threads than `session`) may serve batches of at most
+    QUERY_TOKENS: one short query is a handful of matmuls with a dozen rows each, bound by reading the
+    weights, so on idle cores a second thread nearly halves it; on cores busy with other work the extra
+    thread waits for a core and made queries 1.2-2.7x slower (bench/RESULTS.md). So each small batch
+    goes to whichever session has been faster per token lately, and one in PROBE_EVERY to the other,
+    so that a change in the machine's load is noticed."""
 
     def __init__(self, session, path: Path, query_session=None) -> None:
         self.session = session
         self.query_session = query_session if query_session is not None else session
         self.path = path
         self._inputs = {i.name for i in session.get_inputs()}  # the exporter drops unused ones
+        # Seconds per token of recent small batches: [query_session, session]; 0 = not measured yet.
+        self.small_cost = [0.0, 0.0]
+        self._small_runs = 0
 
-    def forward(self, sequences: list[Sequence]) -> np.ndarray:
-        """Rows per pool span, in the order of the sequences and their spans (as forward_batch)."""
-        small = sum(len(s.ids) for s in sequences) <= QUERY_TOKENS
-        session = self.query_session if small else self.session
+    def forward(self, sequences: list[Sequence], session=None) -> np.ndarray:
+        """Rows per pool span, in the order of the sequences and their spans (as forward_batch).
+        `session`: run on this one (the load-time check); by default, as the class says."""
+        tokens = sum(len(s.ids) for s in sequences)
+        if session is not None or tokens > QUERY_TOKENS or self.query_session is self.session:
+            return self._run(session or self.session, sequences)
+        self._small_runs += 1
+        pick = int(self.small_cost[1] < self.small_cost[0])  # the faster; unmeasured (0) first
+        if self._small_runs % PROBE_EVERY == 0:
+            pick = 1 - pick
+        start = time.perf_counter()
+        out = self._run((self.query_session, self.session)[pick], sequences)
+        cost = (time.perf_counter() - start) / max(tokens, 1)
+        old = self.small_cost[pick]
+        self.small_cost[pick] = cost if old == 0.0 else 0.8 * old + 0.2 * cost
+        return out
+
+    def _run(self, session, sequences: list[Sequence]) -> np.ndarray:
         starts = np.cumsum([0] + [len(s.pool_spans) for s in sequences])
         out: np.ndarray | None = None
         for group in attention_groups([len(s.ids) for s in sequences]):
@@ -452,11 +474,14 @@ def _agreement(
     encoder: OnnxEncoder, torch_forward: Callable[[list[Sequence]], np.ndarray], checks: list[Sequence]
 ) -> float:
     """The worst cosine of the pooled rows: the checks as one batch (the bulk session), and each short
-    one alone (the query session and the single-sequence feed)."""
+    one alone on every session (the query session and the single-sequence feed)."""
     alone = [i for i, s in enumerate(checks) if len(s.ids) <= QUERY_TOKENS]
+    sessions = list(dict.fromkeys([encoder.session, encoder.query_session]))
     try:
-        ours = np.concatenate([encoder.forward(checks)] + [encoder.forward([checks[i]]) for i in alone])
+        ours = [encoder.forward(checks)]
+        ours += [encoder.forward([checks[i]], session=s) for s in sessions for i in alone]
     except Exception as exc:  # onnxruntime's own error types
         raise OnnxUnavailable(f"ONNX Runtime cannot run the export: {exc}") from None
     reference = torch_forward(checks)
-    return float((ours * np.concatenate([reference, reference[alone]])).sum(axis=1).min())
+    expected = np.concatenate([reference] + [reference[alone]] * len(sessions))
+    return float((np.concatenate(ours) * expected).sum(axis=1).min())

@@ -112,7 +112,7 @@ def test_jinabert_on_onnx_runtime_matches_the_reference(jina):
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: queries share the bulk session")
 def test_short_batches_run_on_a_query_session_with_more_threads(jina):
     """As in the host (torch on one core less than the machine has): batches of at most QUERY_TOKENS
-    go to a second session with more threads, and give the reference's vectors like the bulk one."""
+    may go to a second session with more threads; both give the reference's vectors."""
     import torch
 
     folder, config, state = jina
@@ -131,10 +131,10 @@ def test_short_batches_run_on_a_query_session_with_more_threads(jina):
     # Its workers spin only inside a run: no core is burnt between queries (ONNX Runtime's default
     # spinning kept one busy for ~35 ms after each run here).
     query = model.prepare(["how do I reset my password"], "full").sequences
-    encoder.forward(query)
+    encoder.forward(query, session=encoder.query_session)
     time.sleep(0.3)  # let any earlier spinning (torch's OpenMP threads too) end
     for _ in range(5):
-        encoder.forward(query)
+        encoder.forward(query, session=encoder.query_session)
         before = time.process_time()
         time.sleep(0.1)
         assert time.process_time() - before < 0.01
@@ -143,8 +143,23 @@ def test_short_batches_run_on_a_query_session_with_more_threads(jina):
     for i, text in enumerate(TEXTS):
         sequences = model.prepare([text], "full").sequences
         small.append(sum(len(s.ids) for s in sequences) <= onnx_cpu.QUERY_TOKENS)
-        assert np.abs(encoder.forward(sequences) - reference[i]).max() <= 1e-5
-    assert small == [True, True, True, False, True, False]  # both sessions served
+        for session in (encoder.query_session, encoder.session):
+            got = encoder.forward(sequences, session=session)
+            assert np.abs(got - reference[i]).max() <= 1e-5
+    assert small == [True, True, True, False, True, False]
+    # A small batch goes to the session that has been faster per token, and one in PROBE_EVERY to the
+    # other; a larger one always to the bulk session. (small_cost: [query session, bulk session])
+    encoder.small_cost = [1.0, 0.5]  # the query session looked slower (busy cores)
+    encoder._small_runs = 0
+    for run in range(1, onnx_cpu.PROBE_EVERY + 1):
+        before = list(encoder.small_cost)
+        encoder.forward(query)
+        changed = [a != b for a, b in zip(before, encoder.small_cost, strict=True)]
+        assert changed == ([True, False] if run == onnx_cpu.PROBE_EVERY else [False, True]), run
+        encoder.small_cost[0] = 1.0  # keep the probed one looking slow
+    before = list(encoder.small_cost)
+    encoder.forward(model.prepare([TEXTS[-1]], "full").sequences)
+    assert encoder.small_cost == before
 
 
 def test_export_is_reused_and_replaced_when_the_weights_change(jina, caplog):
