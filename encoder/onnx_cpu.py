@@ -5,7 +5,7 @@ query pays for (3.0 vs ~8 ms for 12 tokens, bench/RESULTS.md). The PyTorch modul
 jina_bert.py) stay the readable
 reference: the graph is traced from them, through `PackedEncoder`, which reuses their weights and
 sub-modules: packed tokens for the projections and MLPs (no FLOP on padding), a padded (batch, seq)
-layout for attention only.
+layout for attention only, exported as ONNX Runtime's fused MultiHeadAttention (com.microsoft) node.
 
 - Export once per model revision and exporter/runtime versions; the file goes beside the model
   (`<folder>/longembed-onnx/`) or, when that folder is read-only, under the cache directory
@@ -19,7 +19,9 @@ layout for attention only.
   imports and agrees, PyTorch otherwise), `onnx` (the same, but a failure is an error), `torch`.
 - Only batches of at most `SMALL_BATCH_TOKENS` (queries, small requests) run on the session; larger
   ones, and so every long sequence, run on the packed PyTorch path (EmbeddingModel.forward_batch),
-  which measured faster for bulk work here and never materialises (batch, heads, n, n) scores.
+  which measured as fast or faster for bulk work here and never materialises (batch, heads, n, n)
+  scores. Batches of at most QUERY_TOKENS may run on a second session with more threads
+  (OnnxEncoder says when).
 """
 
 from __future__ import annotations
