@@ -1,9 +1,9 @@
 """CPU encoding side by side: longembed (PyTorch and ONNX Runtime backends, fp32 and bf16), a plain ONNX
 Runtime export as a peer, and sentence-transformers; mixed-length texts, 8,192-token JinaBERT-shaped
-inputs, and single short queries through the host's batcher.
+inputs, single short queries through the host's batcher, and concurrent clients.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_cpu_encode.py [--texts 400] [--repeats 3]
-        [--jina-tokens 8192] [--queries 310] [--only mixed|jina|queries]
+        [--jina-tokens 8192] [--queries 310] [--only mixed|jina|queries|concurrent]
 
 One process, one run; the systems take turns in every round (best of --repeats), so a change in the
 load of this shared machine hits all of them alike. tokens/s counts real tokens ([CLS], [SEP]
@@ -330,13 +330,66 @@ def queries(args, tmp: str) -> None:
     print(f"\n({load_average()} after)")
 
 
+def concurrent(args) -> None:
+    """Clients in threads, each sending one input at a time through the host's batcher, as the host
+    runs (torch on one core less than the machine, OMP_WAIT_POLICY=PASSIVE): half the inputs the
+    10-token query, half mixed texts cut to 300 characters. The default (small inputs may take the
+    query session) against ONNX Runtime with one session (onnx_cpu.QUERY_THREADS = 1)."""
+    import threading
+
+    from longembed.encoder import onnx_cpu
+    from longembed.plugin.service.batcher import INTERACTIVE, Batcher
+    from longembed.plugin.service.served import ServedModel
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    models = {}
+    default_threads = onnx_cpu.QUERY_THREADS
+    for name, query_threads in (("one session", 1), ("default (query session when faster)", default_threads)):
+        onnx_cpu.QUERY_THREADS = query_threads
+        models[name] = load("auto")
+    onnx_cpu.QUERY_THREADS = default_threads
+    os.environ.pop("OMP_WAIT_POLICY")
+    texts = [t[:300] for t in mixed_length_texts(64)]
+
+    def clients(model, n_clients: int, each: int) -> tuple[float, float, float]:
+        batcher = Batcher(model.forward_batch, model.info.dim)
+        served = ServedModel(model, batcher)
+        latencies: list[float] = []
+
+        def client(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            for k in range(each):
+                text = texts[rng.integers(len(texts))] if k % 2 else QUERY
+                start = time.perf_counter()
+                plan = served.plan([text], "query", None, "truncate")
+                served.finish(plan, served.submit(plan, INTERACTIVE).result(), "truncate", None)
+                latencies.append(time.perf_counter() - start)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
+        wall = _timed(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
+        batcher.stop()
+        p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+        return n_clients * each / wall, p50, p99
+
+    print(f"\n## Concurrent clients through the host's batcher, host settings ({load_average()} before)\n")
+    print("| ONNX Runtime sessions | clients | inputs/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|")
+    for n_clients in (1, 4):
+        for _ in range(max(1, args.repeats - 1)):  # alternate, so both see the same load
+            for name, model in models.items():
+                rate, p50, p99 = clients(model, n_clients, args.queries // (2 * n_clients) + 10)
+                print(f"| {name} | {n_clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |")
+    print(f"\n({load_average()} after)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jina-tokens", type=int, default=8192)
     parser.add_argument("--queries", type=int, default=310)
-    parser.add_argument("--only", choices=["mixed", "jina", "queries"], action="append")
+    parser.add_argument("--only", choices=["mixed", "jina", "queries", "concurrent"], action="append")
     args = parser.parse_args()
     import onnxruntime
     import sentence_transformers
@@ -358,6 +411,8 @@ def main() -> None:
             jina(args, peaks, tmp)
         if not args.only or "queries" in args.only:
             queries(args, tmp)
+        if not args.only or "concurrent" in args.only:
+            concurrent(args)
 
 
 if __name__ == "__main__":
