@@ -182,9 +182,11 @@ class OnnxEncoder:
     `query_session` (when there is one: more threads than `session`) may serve batches of at most
     QUERY_TOKENS: one short query is a handful of matmuls with a dozen rows each, bound by reading the
     weights, so on idle cores a second thread nearly halves it; on cores busy with other work the extra
-    thread waits for a core and made queries 1.2-2.7x slower (bench/RESULTS.md). So each small batch
-    goes to whichever session has been faster per token lately, and one in PROBE_EVERY to the other,
-    so that a change in the machine's load is noticed."""
+    thread waits for a core and made queries 1.2-2.7x slower (bench/RESULTS.md). So it is used only
+    when the caller says no other work of ours needs the cores (`spare_cores`: the host's batcher, for
+    a query that found the model idle and nothing waiting lately), and then each small batch goes to
+    whichever session has been faster per token lately, one in PROBE_EVERY to the other, so that a
+    change in the machine's load (other processes) is noticed."""
 
     def __init__(self, session, path: Path, query_session=None) -> None:
         self.session = session
@@ -195,11 +197,13 @@ class OnnxEncoder:
         self.small_cost = [0.0, 0.0]
         self._small_runs = 0
 
-    def forward(self, sequences: list[Sequence], session=None) -> np.ndarray:
+    def forward(self, sequences: list[Sequence], session=None, spare_cores: bool = False) -> np.ndarray:
         """Rows per pool span, in the order of the sequences and their spans (as forward_batch).
-        `session`: run on this one (the load-time check); by default, as the class says."""
+        `session`: run on this one (the load-time check). Otherwise `session`, unless the caller says
+        the other cores are free (`spare_cores`) and the batch is small: then as the class says."""
         tokens = sum(len(s.ids) for s in sequences)
-        if session is not None or tokens > QUERY_TOKENS or self.query_session is self.session:
+        small = spare_cores and tokens <= QUERY_TOKENS and self.query_session is not self.session
+        if session is not None or not small:
             return self._run(session or self.session, sequences)
         self._small_runs += 1
         pick = int(self.small_cost[1] < self.small_cost[0])  # the faster; unmeasured (0) first

@@ -147,19 +147,21 @@ def test_short_batches_run_on_a_query_session_with_more_threads(jina):
             got = encoder.forward(sequences, session=session)
             assert np.abs(got - reference[i]).max() <= 1e-5
     assert small == [True, True, True, False, True, False]
-    # A small batch goes to the session that has been faster per token, and one in PROBE_EVERY to the
-    # other; a larger one always to the bulk session. (small_cost: [query session, bulk session])
+    # With spare cores, a small batch goes to the session that has been faster per token, and one in
+    # PROBE_EVERY to the other; a larger one, or any without spare cores, to the bulk session.
+    # (small_cost: [query session, bulk session])
     encoder.small_cost = [1.0, 0.5]  # the query session looked slower (busy cores)
     encoder._small_runs = 0
     for run in range(1, onnx_cpu.PROBE_EVERY + 1):
         before = list(encoder.small_cost)
-        encoder.forward(query)
+        encoder.forward(query, spare_cores=True)
         changed = [a != b for a, b in zip(before, encoder.small_cost, strict=True)]
         assert changed == ([True, False] if run == onnx_cpu.PROBE_EVERY else [False, True]), run
         encoder.small_cost[0] = 1.0  # keep the probed one looking slow
     before = list(encoder.small_cost)
-    encoder.forward(model.prepare([TEXTS[-1]], "full").sequences)
-    assert encoder.small_cost == before
+    encoder.forward(model.prepare([TEXTS[-1]], "full").sequences, spare_cores=True)
+    encoder.forward(query)  # the caller did not say the other cores are free
+    assert encoder.small_cost == before  # both on the bulk session, outside the choice
 
 
 def test_export_is_reused_and_replaced_when_the_weights_change(jina, caplog):
