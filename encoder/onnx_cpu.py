@@ -52,9 +52,9 @@ EXPORT_FORMAT = 3  # bump when PackedEncoder's graph changes: cached files of ol
 OPSET = 17
 MAX_SEQ_TOKENS = 1024  # longest sequence the load-time check and the graph are meant for
 # Batches up to this many tokens run on ONNX Runtime (a query: ~3x faster than torch's op dispatch),
-# larger ones on the packed PyTorch path (~1.4x faster than this graph for bulk work, bench/RESULTS.md).
+# larger ones on the packed PyTorch path (as fast or faster for bulk work, bench/RESULTS.md).
 SMALL_BATCH_TOKENS = 256
-# Batches up to this many tokens (the batcher's inline queries) run on a session with QUERY_THREADS.
+# Batches up to this many tokens (the batcher's inline queries) may run on a session with QUERY_THREADS.
 QUERY_TOKENS = 64
 QUERY_THREADS = 4  # at most; more threads barely help a dozen-row matmul
 PROBE_EVERY = 16  # small batches: one in this many runs on the session that looked slower
@@ -172,7 +172,7 @@ class MultiHeadAttention(torch.autograd.Function):
         if alibi is not None:
             inputs.append(alibi)
         out = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=heads)
-        out.setType(q.type())  # (B, n, hidden) as the query: the exporter cannot infer a contrib op's
+        out.setType(q.type())  # (B, n, hidden) like the query; the exporter infers no contrib op's type
         return out
 
 
