@@ -438,9 +438,16 @@ def _encoder(path: Path) -> OnnxEncoder:
     QUERY_THREADS when that is more (the host gives torch one core less than the machine has)."""
     model = path.read_bytes()
     threads = torch.get_num_threads()
-    query_threads = min(QUERY_THREADS, len(os.sched_getaffinity(0)))
+    query_threads = min(QUERY_THREADS, usable_cores())
     query = _session(model, query_threads, spin_in_runs=True) if query_threads > threads else None
     return OnnxEncoder(_session(model, threads), path, query)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity where the OS has one, as in a container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _session(model: bytes, threads: int, spin_in_runs: bool = False):
