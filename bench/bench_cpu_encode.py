@@ -1,9 +1,9 @@
 """CPU encoding side by side: longembed (PyTorch and ONNX Runtime backends, fp32 and bf16), a plain ONNX
 Runtime export as a peer, and sentence-transformers; mixed-length texts, 8,192-token JinaBERT-shaped
-inputs, and single short queries through the host's batcher.
+inputs, single short queries through the host's batcher, and concurrent clients.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_cpu_encode.py [--texts 400] [--repeats 3]
-        [--jina-tokens 8192] [--queries 310] [--only mixed|jina|queries]
+        [--jina-tokens 8192] [--queries 310] [--only mixed|jina|queries|concurrent]
 
 One process, one run; the systems take turns in every round (best of --repeats), so a change in the
 load of this shared machine hits all of them alike. tokens/s counts real tokens ([CLS], [SEP]
@@ -11,12 +11,15 @@ included, padding not credited). The peak is the best fp32 matmul GFLOP/s measur
 (torch and ONNX Runtime's MatMul, 2048^3); bf16's peak is torch's bf16 matmul. The ONNX Runtime peer
 is what a user would build: Hugging Face's BertModel exported with torch.onnx.export, graph
 optimisations on, the same thread count, length-sorted batches of 32 padded to their longest text,
-mean pooling over the mask.
+mean pooling over the mask; its fused variant also runs ONNX Runtime's BERT optimizer
+(onnxruntime.transformers.optimizer: fused Attention, SkipLayerNormalization, BiasGelu), as
+ONNX Runtime's own BERT recipe does.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -86,13 +89,18 @@ def matmul_peaks(threads: int, n: int = 2048) -> dict[str, float]:
 
 
 class OrtPeer:
-    """Hugging Face BertModel -> torch.onnx.export -> ONNX Runtime; padded length-sorted batches."""
+    """Hugging Face BertModel -> torch.onnx.export -> ONNX Runtime; padded length-sorted batches.
 
-    def __init__(self, folder: Path, threads: int, tmp: str) -> None:
-        from transformers import AutoModel, AutoTokenizer
+    fused: the model in its eager attention (the form ONNX Runtime's BERT fusions recognise) and the
+    export run through onnxruntime.transformers.optimizer (EmbedLayerNormalization, Attention,
+    SkipLayerNormalization, BiasGelu), as ONNX Runtime's own BERT recipe does."""
+
+    def __init__(self, folder: Path, threads: int, tmp: str, fused: bool = False) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModel.from_pretrained(str(folder)).eval()
+        extra = {"attn_implementation": "eager"} if fused else {}
+        model = AutoModel.from_pretrained(str(folder), **extra).eval()
 
         class Hidden(torch.nn.Module):
             def __init__(self, m) -> None:
@@ -103,7 +111,7 @@ class OrtPeer:
                 return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
         ids = torch.tensor([[101, 2023, 2003, 102], [101, 7592, 102, 0]])
-        path = f"{tmp}/peer.onnx"
+        path = f"{tmp}/peer{'-fused' if fused else ''}.onnx"
         axes = {0: "batch", 1: "seq"}
         torch.onnx.export(
             Hidden(model),
@@ -115,7 +123,28 @@ class OrtPeer:
             output_names=["hidden"],
             dynamic_axes={"input_ids": axes, "attention_mask": axes, "hidden": axes},
         )
+        if fused:
+            from onnxruntime.transformers.optimizer import optimize_model
+
+            config = AutoConfig.from_pretrained(str(folder))
+            optimized = optimize_model(
+                path, model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
+            )
+            fusions = optimized.get_fused_operator_statistics()
+            assert fusions["Attention"] == config.num_hidden_layers, fusions  # else not the fused peer
+            optimized.save_model_to_file(path)
         self.session = ort_session(path, threads)
+
+    def query(self, text: str) -> np.ndarray:
+        """One text: tokenise, run, mean-pool, normalise (what a user's query path does)."""
+        enc = self.tokenizer([text], return_tensors="np")
+        feed = {
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+        }
+        (hidden,) = self.session.run(None, feed)
+        mean = hidden[0].mean(0)
+        return mean / np.linalg.norm(mean)
 
     def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
@@ -161,6 +190,7 @@ def mixed(args, threads: int, peaks: dict, tmp: str) -> None:
     folder = default._m.folder
     models = {"torch fp32": load("torch"), "default fp32": default, "bf16": load("auto", "bf16")}
     peer = OrtPeer(folder, threads, tmp)
+    fused_peer = OrtPeer(folder, threads, tmp, fused=True)
     st = SentenceTransformer(str(folder), device="cpu")
     lengths = [min(n, default.info.max_tokens - 2) + 2 for n in default.count_tokens(texts)]
     n_tokens, fpt = sum(lengths), flops_per_token(default._m.config, lengths)
@@ -171,6 +201,9 @@ def mixed(args, threads: int, peaks: dict, tmp: str) -> None:
     )
     systems = {f"longembed {k} ({m.info.backend})": (lambda m=m: m.embed(texts)) for k, m in models.items()}
     systems["ONNX Runtime peer (HF export, padded batches of 32)"] = lambda: peer.embed(texts)
+    systems["ONNX Runtime peer, fused (HF eager export + ORT BERT optimizer, batches of 32)"] = lambda: (
+        fused_peer.embed(texts)
+    )
     systems["sentence-transformers fp32 (batch 32)"] = lambda: st.encode(
         texts, batch_size=32, normalize_embeddings=True
     )
@@ -240,14 +273,18 @@ def jina(args, peaks: dict, tmp: str) -> None:
         )
 
 
-def queries(args) -> None:
-    """One short query at a time through what the host runs: ServedModel.plan -> Batcher -> finish."""
+def queries(args, tmp: str) -> None:
+    """One short query at a time through what the host runs: ServedModel.plan -> Batcher -> finish;
+    the ONNX Runtime peers' own query path (tokenise, run, pool) beside it."""
     from longembed.plugin.service.batcher import INTERACTIVE, Batcher
     from longembed.plugin.service.served import ServedModel
 
     print(f"\n## One {QUERY!r} query at a time through the host's batcher ({load_average()} before)\n")
-    print("| backend | torch/ORT threads | batcher path | p50 ms | p99 ms | model alone p50 ms |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| backend | torch threads | ORT query threads | batcher path | p50 ms | p99 ms | model alone p50 ms"
+        " |"
+    )
+    print("|---|---|---|---|---|---|---|")
     cores = os.cpu_count() or 2
     variants = [("torch", None), ("auto", "PASSIVE"), ("auto", None)]  # ORT spinning off (as the host) / on
     for threads in sorted({max(1, cores - 1), cores}):
@@ -257,10 +294,22 @@ def queries(args) -> None:
                 os.environ["OMP_WAIT_POLICY"] = wait_policy
             model = load(backend)
             os.environ.pop("OMP_WAIT_POLICY", None)
-            spin = "" if backend == "torch" else (", no spinning" if wait_policy else ", spinning")
+            spin = (
+                ""
+                if backend == "torch"
+                else (", OMP_WAIT_POLICY=PASSIVE as the host" if wait_policy else ", default spinning")
+            )
+            ort_threads = "-"
+            if model._onnx is not None:
+                ort_threads = str(model._onnx.query_session.get_session_options().intra_op_num_threads)
             assert len(model.prepare([QUERY], "full", kind="query").sequences[0].ids) == 12
             for inline in (64, 0):
-                batcher = Batcher(model.forward_batch, model.info.dim, inline_tokens=inline)
+                batcher = Batcher(
+                    model.forward_batch,
+                    model.info.dim,
+                    inline_tokens=inline,
+                    forward_alone=functools.partial(model.forward_batch, spare_cores=True),  # as the host
+                )
                 served = ServedModel(model, batcher)
 
                 def one(served=served) -> None:
@@ -275,9 +324,72 @@ def queries(args) -> None:
                 p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
                 path = "caller's thread (inline)" if inline else "batcher thread"
                 print(
-                    f"| {model.info.backend}{spin} | {threads} | {path} | {p50:.2f} | {p99:.2f} | "
-                    f"{np.median(alone) * 1000:.2f} |"
+                    f"| {model.info.backend}{spin} | {threads} | {ort_threads} | {path} | {p50:.2f} | "
+                    f"{p99:.2f} | {np.median(alone) * 1000:.2f} |"
                 )
+        folder = model._m.folder
+        for name, fused in (("ONNX Runtime peer", False), ("ONNX Runtime peer, fused", True)):
+            peer = OrtPeer(folder, threads, tmp, fused=fused)
+            alone = [_timed(lambda p=peer: p.query(QUERY)) for _ in range(args.queries)][10:]
+            p50, p99 = np.percentile(np.array(alone) * 1000, [50, 99])
+            print(f"| {name} (spinning) | - | {threads} | its own (no batcher) | {p50:.2f} | {p99:.2f} | - |")
+    print(f"\n({load_average()} after)")
+
+
+def concurrent(args) -> None:
+    """Clients in threads, each sending one input at a time through the host's batcher, as the host
+    runs (torch on one core less than the machine, OMP_WAIT_POLICY=PASSIVE): half the inputs the
+    10-token query, half mixed texts cut to 300 characters. The default (small inputs may take the
+    query session) against ONNX Runtime with one session (onnx_cpu.QUERY_THREADS = 1)."""
+    import threading
+
+    from longembed.encoder import onnx_cpu
+    from longembed.plugin.service.batcher import INTERACTIVE, Batcher
+    from longembed.plugin.service.served import ServedModel
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    models = {}
+    default_threads = onnx_cpu.QUERY_THREADS
+    for name, query_threads in (("one session", 1), ("default", default_threads)):
+        onnx_cpu.QUERY_THREADS = query_threads
+        models[name] = load("auto")
+    onnx_cpu.QUERY_THREADS = default_threads
+    os.environ.pop("OMP_WAIT_POLICY")
+    texts = [t[:300] for t in mixed_length_texts(64)]
+
+    def clients(model, n_clients: int, each: int) -> tuple[float, float, float]:
+        batcher = Batcher(
+            model.forward_batch,
+            model.info.dim,
+            forward_alone=functools.partial(model.forward_batch, spare_cores=True),  # as the host
+        )
+        served = ServedModel(model, batcher)
+        latencies: list[float] = []
+
+        def client(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            for k in range(each):
+                text = texts[rng.integers(len(texts))] if k % 2 else QUERY
+                start = time.perf_counter()
+                plan = served.plan([text], "query", None, "truncate")
+                served.finish(plan, served.submit(plan, INTERACTIVE).result(), "truncate", None)
+                latencies.append(time.perf_counter() - start)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
+        wall = _timed(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
+        batcher.stop()
+        p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+        return n_clients * each / wall, p50, p99
+
+    print(f"\n## Concurrent clients through the host's batcher, host settings ({load_average()} before)\n")
+    print("| ONNX Runtime sessions | clients | inputs/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|")
+    for n_clients in (1, 4):
+        for _ in range(max(1, args.repeats - 1)):  # alternate, so both see the same load
+            for name, model in models.items():
+                rate, p50, p99 = clients(model, n_clients, args.queries // (2 * n_clients) + 10)
+                print(f"| {name} | {n_clients} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |")
     print(f"\n({load_average()} after)")
 
 
@@ -287,7 +399,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jina-tokens", type=int, default=8192)
     parser.add_argument("--queries", type=int, default=310)
-    parser.add_argument("--only", choices=["mixed", "jina", "queries"], action="append")
+    parser.add_argument("--only", choices=["mixed", "jina", "queries", "concurrent"], action="append")
     args = parser.parse_args()
     import onnxruntime
     import sentence_transformers
@@ -307,8 +419,10 @@ def main() -> None:
             mixed(args, threads, peaks, tmp)
         if not args.only or "jina" in args.only:
             jina(args, peaks, tmp)
-    if not args.only or "queries" in args.only:
-        queries(args)
+        if not args.only or "queries" in args.only:
+            queries(args, tmp)
+        if not args.only or "concurrent" in args.only:
+            concurrent(args)
 
 
 if __name__ == "__main__":

@@ -333,16 +333,17 @@ class EmbeddingModel:
         bar.close()
         return out
 
-    def forward_batch(self, sequences: list[Sequence]) -> np.ndarray:
+    def forward_batch(self, sequences: list[Sequence], spare_cores: bool = False) -> np.ndarray:
         """One packed forward pass: float32 rows, one per pool span, in the order of the sequences and
         their spans (their `outputs` indices are not used here). With an ONNX Runtime encoder, batches
         of at most onnx_cpu.SMALL_BATCH_TOKENS (queries) run on it and larger ones on the packed PyTorch
         path, which was faster for bulk work in bench/RESULTS.md; LONGEMBED_KERNELS=triton forces
-        the kernels."""
+        the kernels. spare_cores: nothing else needs the machine's other cores now (the host's batcher
+        says so for a lone query), so a small batch may run on ONNX Runtime's query session."""
         small = sum(len(s.ids) for s in sequences) <= onnx_cpu.SMALL_BATCH_TOKENS
         if self._onnx is None or not small or triton_kernels.backend(self.device) == "triton":
             return self._forward_torch(sequences)
-        return self._onnx.forward(sequences)
+        return self._onnx.forward(sequences, spare_cores=spare_cores)
 
     @torch.inference_mode()
     def _forward_torch(self, sequences: list[Sequence]) -> np.ndarray:

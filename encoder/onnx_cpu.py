@@ -5,7 +5,7 @@ query pays for (3.0 vs ~8 ms for 12 tokens, bench/RESULTS.md). The PyTorch modul
 jina_bert.py) stay the readable
 reference: the graph is traced from them, through `PackedEncoder`, which reuses their weights and
 sub-modules: packed tokens for the projections and MLPs (no FLOP on padding), a padded (batch, seq)
-layout for attention only.
+layout for attention only, exported as ONNX Runtime's fused MultiHeadAttention (com.microsoft) node.
 
 - Export once per model revision and exporter/runtime versions; the file goes beside the model
   (`<folder>/longembed-onnx/`) or, when that folder is read-only, under the cache directory
@@ -19,7 +19,9 @@ layout for attention only.
   imports and agrees, PyTorch otherwise), `onnx` (the same, but a failure is an error), `torch`.
 - Only batches of at most `SMALL_BATCH_TOKENS` (queries, small requests) run on the session; larger
   ones, and so every long sequence, run on the packed PyTorch path (EmbeddingModel.forward_batch),
-  which measured faster for bulk work here and never materialises (batch, heads, n, n) scores.
+  which measured as fast or faster for bulk work here and never materialises (batch, heads, n, n)
+  scores. Batches of at most QUERY_TOKENS may run on a second session with more threads
+  (OnnxEncoder says when).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -45,12 +48,16 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnx", "torch")
 ARCHITECTURES = ("bert", "jina_bert")
-EXPORT_FORMAT = 2  # bump when PackedEncoder's graph changes: cached files of older formats are ignored
+EXPORT_FORMAT = 3  # bump when PackedEncoder's graph changes: cached files of older formats are ignored
 OPSET = 17
 MAX_SEQ_TOKENS = 1024  # longest sequence the load-time check and the graph are meant for
 # Batches up to this many tokens run on ONNX Runtime (a query: ~3x faster than torch's op dispatch),
-# larger ones on the packed PyTorch path (~1.4x faster than this graph for bulk work, bench/RESULTS.md).
+# larger ones on the packed PyTorch path (as fast or faster for bulk work, bench/RESULTS.md).
 SMALL_BATCH_TOKENS = 256
+# Batches up to this many tokens (the batcher's inline queries) may run on a session with QUERY_THREADS.
+QUERY_TOKENS = 64
+QUERY_THREADS = 4  # at most; more threads barely help a dozen-row matmul
+PROBE_EVERY = 16  # small batches: one in this many runs on the session that looked slower
 DEFAULT_MIN_COSINE = 0.99999
 # Sequences in one session run: the shortest at least this share of the longest. Only attention is
 # padded, so a wide spread costs little (MiniLM: attention at 256 tokens is ~10 % of a token's FLOPs).
@@ -117,39 +124,104 @@ class PackedEncoder(nn.Module):
         if not self.alibi:
             x = x + m.position_embeddings(position_ids)
         x = m.embedding_norm(x)  # (T, hidden)
-        bias = (1.0 - attention_mask.to(x.dtype))[:, None, None, :] * _MASKED  # (B, 1, 1, n)
+        mask = attention_mask.to(torch.int32)  # (B, n) 1 = a real key
+        alibi = None
         if self.alibi:
             pos = torch.arange(n, device=x.device)
-            bias = bias + self.neg_slopes * (pos[:, None] - pos[None, :]).abs().to(x.dtype)
+            alibi = self.neg_slopes * (pos[:, None] - pos[None, :]).abs().to(x.dtype)  # (1, heads, n, n)
         hidden = x.shape[-1]
         for layer in m.layers:
             att = layer.attention
-            head_dim = hidden // att.heads
-            qkv = att.qkv(x)[pad_index]  # (B, n, 3 * hidden)
-            qkv = qkv.view(batch, n, 3, att.heads, head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, n, head_dim)
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (head_dim**-0.5) + bias
-            ctx = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(batch * n, hidden)
+            q, k, v = att.qkv(x)[pad_index].split(hidden, dim=-1)  # 3 x (B, n, hidden)
+            ctx = MultiHeadAttention.apply(q, k, v, mask, alibi, att.heads).reshape(batch * n, hidden)
             x = att.norm(att.dense(ctx[unpad_index]) + x)
             x = layer.mlp(x)
         return x
 
 
-class OnnxEncoder:
-    """One ONNX Runtime session: packed `Sequence`s in, pooled L2-normalised rows out."""
+class MultiHeadAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(head_dim) + bias) v on padded (B, n, hidden) q, k, v, with padding keys
+    masked and an optional additive (1, heads, n, n) bias (ALiBi). Exported as one com.microsoft
+    MultiHeadAttention node: ONNX Runtime's fused CPU kernel, which replaces about 15 small nodes per
+    layer (reshapes, transposes, two matmuls, softmax) and measured faster here (bench/RESULTS.md).
+    The forward below is what the trace runs; the load-time check compares the session against the
+    PyTorch model itself."""
 
-    def __init__(self, session, path: Path) -> None:
+    @staticmethod
+    def forward(ctx, q, k, v, mask, alibi, heads: int):
+        batch, n, hidden = q.shape
+        head_dim = hidden // heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, n, heads, head_dim).transpose(1, 2)  # (B, heads, n, head_dim)
+
+        bias = (1.0 - mask.to(q.dtype))[:, None, None, :] * _MASKED
+        if alibi is not None:
+            bias = bias + alibi
+        scores = torch.matmul(split(q), split(k).transpose(-1, -2)) * head_dim**-0.5 + bias
+        out = torch.matmul(torch.softmax(scores, dim=-1), split(v))
+        return out.transpose(1, 2).reshape(batch, n, hidden)
+
+    @staticmethod
+    def symbolic(g, q, k, v, mask, alibi, heads: int):
+        from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor
+
+        # inputs: query, key, value, bias (none: the projection's bias is in its Gemm), key_padding_mask
+        # (B, n) int32, attention_bias
+        inputs = [q, k, v, _optional_input_placeholder_tensor(g), mask]
+        if alibi is not None:
+            inputs.append(alibi)
+        out = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=heads)
+        out.setType(q.type())  # (B, n, hidden) like the query; the exporter infers no contrib op's type
+        return out
+
+
+class OnnxEncoder:
+    """ONNX Runtime sessions of one export: packed `Sequence`s in, pooled L2-normalised rows out.
+
+    `query_session` (when there is one: more threads than `session`) may serve batches of at most
+    QUERY_TOKENS: one short query is a handful of matmuls with a dozen rows each, bound by reading the
+    weights, so on idle cores a second thread nearly halves it; on cores busy with other work the extra
+    thread waits for a core and made queries 1.2-2.7x slower (bench/RESULTS.md). So it is used only
+    when the caller says no other work of ours needs the cores (`spare_cores`: the host's batcher, for
+    a query that found the model idle and nothing waiting lately), and then each small batch goes to
+    whichever session has been faster per token lately, one in PROBE_EVERY to the other, so that a
+    change in the machine's load (other processes) is noticed."""
+
+    def __init__(self, session, path: Path, query_session=None) -> None:
         self.session = session
+        self.query_session = query_session if query_session is not None else session
         self.path = path
         self._inputs = {i.name for i in session.get_inputs()}  # the exporter drops unused ones
+        # Seconds per token of recent small batches: [query_session, session]; 0 = not measured yet.
+        self.small_cost = [0.0, 0.0]
+        self._small_runs = 0
 
-    def forward(self, sequences: list[Sequence]) -> np.ndarray:
-        """Rows per pool span, in the order of the sequences and their spans (as forward_batch)."""
+    def forward(self, sequences: list[Sequence], session=None, spare_cores: bool = False) -> np.ndarray:
+        """Rows per pool span, in the order of the sequences and their spans (as forward_batch).
+        `session`: run on this one (the load-time check). Otherwise `session`, unless the caller says
+        the other cores are free (`spare_cores`) and the batch is small: then as the class says."""
+        tokens = sum(len(s.ids) for s in sequences)
+        small = spare_cores and tokens <= QUERY_TOKENS and self.query_session is not self.session
+        if session is not None or not small:
+            return self._run(session or self.session, sequences)
+        self._small_runs += 1
+        pick = int(self.small_cost[1] < self.small_cost[0])  # the faster; unmeasured (0) first
+        if self._small_runs % PROBE_EVERY == 0:
+            pick = 1 - pick
+        start = time.perf_counter()
+        out = self._run((self.query_session, self.session)[pick], sequences)
+        cost = (time.perf_counter() - start) / max(tokens, 1)
+        old = self.small_cost[pick]
+        self.small_cost[pick] = cost if old == 0.0 else 0.8 * old + 0.2 * cost
+        return out
+
+    def _run(self, session, sequences: list[Sequence]) -> np.ndarray:
         starts = np.cumsum([0] + [len(s.pool_spans) for s in sequences])
         out: np.ndarray | None = None
         for group in attention_groups([len(s.ids) for s in sequences]):
             feed, offsets = self._feed([sequences[i] for i in group])
-            (hidden,) = self.session.run(None, {k: v for k, v in feed.items() if k in self._inputs})
+            (hidden,) = session.run(None, {k: v for k, v in feed.items() if k in self._inputs})
             if out is None:
                 out = np.empty((int(starts[-1]), hidden.shape[-1]), dtype=np.float32)
             for i, offset in zip(group, offsets, strict=True):
@@ -159,6 +231,16 @@ class OnnxEncoder:
 
     @staticmethod
     def _feed(sequences: list[Sequence]) -> tuple[dict[str, np.ndarray], list[int]]:
+        if len(sequences) == 1:  # a query: no padding, every index is the identity
+            slots = np.arange(len(sequences[0].ids), dtype=np.int64)
+            feed = {
+                "input_ids": np.asarray(sequences[0].ids, dtype=np.int64),
+                "position_ids": slots,
+                "pad_index": slots[None, :],
+                "attention_mask": np.ones((1, len(slots)), dtype=np.int64),
+                "unpad_index": slots,
+            }
+            return feed, [0]
         lengths = [len(s.ids) for s in sequences]
         n = max(lengths)
         offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
@@ -219,7 +301,7 @@ def load_onnx(
     key = cache_key(architecture, config, revision)
     path, fresh = _cached_or_exported(module, name, folder, key)
     checks = check_sequences(vocab_size, min(max_tokens, MAX_SEQ_TOKENS))
-    encoder = OnnxEncoder(_session(path.read_bytes()), path)
+    encoder = _encoder(path)
     worst = _agreement(encoder, torch_forward, checks)
     if worst < min_cosine() and not fresh:  # a cached file that gives other vectors: export again
         log.warning(
@@ -228,7 +310,7 @@ def load_onnx(
             worst,
         )
         path = _export(module, path.parent, path.name)
-        encoder = OnnxEncoder(_session(path.read_bytes()), path)
+        encoder = _encoder(path)
         worst = _agreement(encoder, torch_forward, checks)
     if worst < min_cosine():
         raise OnnxUnavailable(
@@ -351,15 +433,39 @@ def _export(module: nn.Module, directory: Path, file_name: str) -> Path:
     return path
 
 
-def _session(model: bytes):
+def _encoder(path: Path) -> OnnxEncoder:
+    """A session with the encoder's (torch's) thread count, and one for queries with every core up to
+    QUERY_THREADS when that is more (the host gives torch one core less than the machine has)."""
+    model = path.read_bytes()
+    threads = torch.get_num_threads()
+    query_threads = min(QUERY_THREADS, usable_cores())
+    query = _session(model, query_threads, spin_in_runs=True) if query_threads > threads else None
+    return OnnxEncoder(_session(model, threads), path, query)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity where the OS has one, as in a container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _session(model: bytes, threads: int, spin_in_runs: bool = False):
+    """spin_in_runs: worker threads spin between the nodes of one run and stop when it returns
+    (session.force_spinning_stop). For a query that is 1.9 ms instead of 2.7 ms with sleeping workers
+    (2 threads, bench/RESULTS.md), and no CPU is burnt between queries, where ONNX Runtime's default
+    spinning burnt ~35 ms of CPU in the 50 ms after each run."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()  # the encoder's thread count
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+    if spin_in_runs:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    elif os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         # As torch's OpenMP threads in the host: idle threads sleep instead of spinning (shared cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
@@ -380,9 +486,15 @@ def check_sequences(vocab_size: int, max_tokens: int) -> list[Sequence]:
 def _agreement(
     encoder: OnnxEncoder, torch_forward: Callable[[list[Sequence]], np.ndarray], checks: list[Sequence]
 ) -> float:
+    """The worst cosine of the pooled rows: the checks as one batch (the bulk session), and each short
+    one alone on every session (the query session and the single-sequence feed)."""
+    alone = [i for i, s in enumerate(checks) if len(s.ids) <= QUERY_TOKENS]
+    sessions = list(dict.fromkeys([encoder.session, encoder.query_session]))
     try:
-        ours = encoder.forward(checks)
+        ours = [encoder.forward(checks)]
+        ours += [encoder.forward([checks[i]], session=s) for s in sessions for i in alone]
     except Exception as exc:  # onnxruntime's own error types
         raise OnnxUnavailable(f"ONNX Runtime cannot run the export: {exc}") from None
     reference = torch_forward(checks)
-    return float((ours * reference).sum(axis=1).min())
+    expected = np.concatenate([reference] + [reference[alone]] * len(sessions))
+    return float((np.concatenate(ours) * expected).sum(axis=1).min())

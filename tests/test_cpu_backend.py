@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +56,18 @@ def exports(folder: Path) -> list[Path]:
     return sorted((folder / "longembed-onnx").glob("*.onnx"))
 
 
+def fused_attention_nodes(path: Path) -> int:
+    """ONNX Runtime's fused MultiHeadAttention nodes in an export (one per layer when the fusion held)."""
+    import onnx
+
+    return sum(node.op_type == "MultiHeadAttention" for node in onnx.load(str(path)).graph.node)
+
+
 def test_minilm_on_onnx_runtime_matches_sentence_transformers(minilm, minilm_torch):
     from sentence_transformers import SentenceTransformer
 
     assert minilm.info.backend == "onnxruntime" and minilm.info.backend_note == ""
+    assert fused_attention_nodes(minilm._onnx.path) == len(minilm.module.layers) == 6
     assert (
         minilm_torch.info.backend == "torch"
         and minilm_torch.info.backend_note == "LONGEMBED_CPU_BACKEND=torch"
@@ -89,6 +98,7 @@ def test_jinabert_on_onnx_runtime_matches_the_reference(jina):
     folder, config, state = jina
     model = load_model(folder, device="cpu")
     assert model.info.backend == "onnxruntime"
+    assert fused_attention_nodes(model._onnx.path) == config["num_hidden_layers"]  # ALiBi as its bias
     long_text = "the quick brown fox jumps over the lazy dog " * 140  # a batch of its own: on PyTorch
     texts = [*TEXTS, long_text]
     assert model.count_tokens([long_text])[0] > onnx_cpu.SMALL_BATCH_TOKENS
@@ -97,6 +107,61 @@ def test_jinabert_on_onnx_runtime_matches_the_reference(jina):
     # The graph itself on a long sequence (padded attention, ALiBi built in the graph):
     long_only = model._onnx.forward(model.prepare([long_text], "full").sequences)
     assert np.abs(long_only - reference[-1:]).max() <= 1e-5
+
+
+@pytest.mark.skipif(onnx_cpu.usable_cores() < 2, reason="one core: queries share the bulk session")
+def test_short_batches_run_on_a_query_session_with_more_threads(jina):
+    """As in the host (torch on one core less than the machine has): batches of at most QUERY_TOKENS
+    may go to a second session with more threads; both give the reference's vectors."""
+    import torch
+
+    folder, config, state = jina
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_model(folder, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    encoder = model._onnx
+    assert encoder.query_session is not encoder.session
+    assert encoder.query_session.get_session_options().intra_op_num_threads == min(
+        onnx_cpu.QUERY_THREADS, onnx_cpu.usable_cores()
+    )
+    assert encoder.session.get_session_options().intra_op_num_threads == 1
+    # Its workers spin only inside a run: no core is burnt between queries (ONNX Runtime's default
+    # spinning kept one busy for ~35 ms after each run here).
+    query = model.prepare(["how do I reset my password"], "full").sequences
+    encoder.forward(query, session=encoder.query_session)
+    time.sleep(0.3)  # let any earlier spinning (torch's OpenMP threads too) end
+    for _ in range(5):
+        encoder.forward(query, session=encoder.query_session)
+        before = time.process_time()
+        time.sleep(0.1)
+        assert time.process_time() - before < 0.01
+    reference = reference_embed(folder, state, config, TEXTS).numpy()
+    small = []
+    for i, text in enumerate(TEXTS):
+        sequences = model.prepare([text], "full").sequences
+        small.append(sum(len(s.ids) for s in sequences) <= onnx_cpu.QUERY_TOKENS)
+        for session in (encoder.query_session, encoder.session):
+            got = encoder.forward(sequences, session=session)
+            assert np.abs(got - reference[i]).max() <= 1e-5
+    assert small == [True, True, True, False, True, False]
+    # With spare cores, a small batch goes to the session that has been faster per token, and one in
+    # PROBE_EVERY to the other; a larger one, or any without spare cores, to the bulk session.
+    # (small_cost: [query session, bulk session])
+    encoder.small_cost = [1.0, 0.5]  # the query session looked slower (busy cores)
+    encoder._small_runs = 0
+    for run in range(1, onnx_cpu.PROBE_EVERY + 1):
+        before = list(encoder.small_cost)
+        encoder.forward(query, spare_cores=True)
+        changed = [a != b for a, b in zip(before, encoder.small_cost, strict=True)]
+        assert changed == ([True, False] if run == onnx_cpu.PROBE_EVERY else [False, True]), run
+        encoder.small_cost[0] = 1.0  # keep the probed one looking slow
+    before = list(encoder.small_cost)
+    encoder.forward(model.prepare([TEXTS[-1]], "full").sequences, spare_cores=True)
+    encoder.forward(query)  # the caller did not say the other cores are free
+    assert encoder.small_cost == before  # both on the bulk session, outside the choice
 
 
 def test_export_is_reused_and_replaced_when_the_weights_change(jina, caplog):

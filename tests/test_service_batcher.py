@@ -259,3 +259,44 @@ def test_a_small_query_waits_its_turn_while_the_model_is_busy(model):
     finally:
         batcher.stop()
     assert len(gated.batches) == 2
+
+
+def test_a_lone_inline_query_may_take_every_core_unless_work_waited_lately(model, monkeypatch):
+    """forward_alone (the host: forward_batch with spare_cores) serves an inline job only while no job
+    has had to wait for the busy model for CONTENTION_MEMORY_S: with other callers about, their
+    tokenising needs the other cores."""
+    from longembed.plugin.service import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "CONTENTION_MEMORY_S", 0.5)
+    gated = Gated(model)
+    alone_calls: list[int] = []
+
+    def alone(sequences):
+        alone_calls.append(len(sequences))
+        return model.forward_batch(sequences, spare_cores=True)
+
+    batcher = Batcher(gated, model.info.dim, forward_alone=alone)
+    query = "how do I reset my password"
+    try:
+        gated.gate.set()  # the plain forward runs at once in this test
+        first = submit(batcher, model, [query]).result(30)  # the model idle, nothing waited: alone
+        assert alone_calls == [1] and gated.batches == []
+        gated.gate.clear()
+        gated.entered.clear()
+        blocker = submit(batcher, model, ["holding the model busy"], INGESTION)
+        assert gated.entered.wait(10)
+        waited = submit(batcher, model, [query])  # queues behind the busy model: contention seen
+        gated.gate.set()
+        blocker.result(30)
+        waited.result(30)
+        runs = len(gated.batches)
+        again = submit(batcher, model, [query]).result(30)  # inline, but work waited just now
+        assert alone_calls == [1] and len(gated.batches) == runs + 1
+        time.sleep(0.6)  # the contention is forgotten
+        last = submit(batcher, model, [query]).result(30)
+        assert alone_calls == [1, 1]
+    finally:
+        batcher.stop()
+    reference = model.embed([query])
+    for rows in (first, again, last):
+        assert np.abs(rows - reference).max() < 1e-5

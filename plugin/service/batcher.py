@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 INTERACTIVE = 0  # HTTP and SQL callers
 INGESTION = 1  # the in-process ingestion worker: runs when no interactive work is queued
 PRIORITIES = {INTERACTIVE: "interactive", INGESTION: "ingestion"}
+# An inline job runs on `forward_alone` only if no job had to wait for the model this long before.
+CONTENTION_MEMORY_S = 1.0
 
 
 class QueueFull(Exception):
@@ -86,10 +88,16 @@ class Batcher:
         inline_tokens: int = 64,
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "batcher",
+        forward_alone: Callable[[list[Sequence]], np.ndarray] | None = None,
     ) -> None:
         if batch_tokens <= 0 or max_queued_tokens <= 0 or max_wait < 0:
             raise ValueError("batch_tokens and max_queued_tokens must be positive, max_wait non-negative")
         self._forward = forward  # one packed pass: rows per pool span, in sequence order
+        # The same pass for an inline job while no other work has had to wait for the model lately:
+        # it may take every core (EmbeddingModel.forward_batch's spare_cores), which would only slow
+        # concurrent callers' tokenising down when they are there (bench_cpu_encode.py concurrent).
+        self._forward_alone = forward_alone
+        self._waited_at = -float("inf")  # when a job last queued because the model was busy
         self._dim = dim
         self.batch_tokens = batch_tokens
         self.max_wait = max_wait
@@ -135,10 +143,13 @@ class Batcher:
                 and not self._running
             )
             if not inline:
+                if self._running:
+                    self._waited_at = time.monotonic()
                 self._enqueue(job, sequences, priority, n_tokens)
                 return job.future
             self._running = True
-        self._run_inline(job, sequences)
+            alone = time.monotonic() - self._waited_at > CONTENTION_MEMORY_S
+        self._run_inline(job, sequences, alone)
         return job.future
 
     def _enqueue(self, job: _Job, sequences: list[Sequence], priority: int, n_tokens: int) -> None:
@@ -158,9 +169,10 @@ class Batcher:
         self._jobs_queued += 1
         self._cond.notify()
 
-    def _run_inline(self, job: _Job, sequences: list[Sequence]) -> None:
+    def _run_inline(self, job: _Job, sequences: list[Sequence], alone: bool) -> None:
         try:
-            self._run([(job, seq) for seq in sequences])
+            forward = self._forward_alone if alone and self._forward_alone is not None else self._forward
+            self._run([(job, seq) for seq in sequences], forward)
         except Exception as exc:
             log.exception("an inline batch of %d sequences failed", len(sequences))
             job.fail(exc)
@@ -194,7 +206,7 @@ class Batcher:
                 return
             try:
                 if batch:
-                    self._run(batch)
+                    self._run(batch, self._forward)
             except Exception as exc:  # the model (or scattering its rows) failed: callers get the error
                 log.exception("a batch of %d sequences failed", len(batch))
                 for job, _ in batch:
@@ -239,10 +251,12 @@ class Batcher:
             used += length
         return taken
 
-    def _run(self, batch: list[tuple[_Job, Sequence]]) -> None:
+    def _run(
+        self, batch: list[tuple[_Job, Sequence]], forward: Callable[[list[Sequence]], np.ndarray]
+    ) -> None:
         t0 = time.perf_counter()
         sequences = [seq for _, seq in batch]
-        rows = self._forward(sequences)
+        rows = forward(sequences)
         n_rows = sum(len(s.outputs) for s in sequences)
         if rows.shape != (n_rows, self._dim):
             raise ValueError(f"the model gave {rows.shape} rows for {n_rows} pooled spans of {self._dim}-d")

@@ -9,6 +9,7 @@ when a collection in the database uses it (the host never loads arbitrary names 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import queue
@@ -181,6 +182,7 @@ class Host:
             max_queued_tokens=self.config.max_queued_tokens,
             on_batch=self.metrics.on_batch(info.name),
             name=f"longembed-batcher {info.name}",
+            forward_alone=functools.partial(model.forward_batch, spare_cores=True),
         )
         served = ServedModel(model, batcher, [name] if name else [])
         _warm_up(served)
