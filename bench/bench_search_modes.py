@@ -19,6 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+from psycopg import sql
+
 from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
 from longembed.plugin.store.collections import get_collection
@@ -55,9 +57,11 @@ def main() -> None:
                 if mode not in times or statistics.median(seconds) < statistics.median(times[mode]):
                     times[mode] = sorted(seconds)
         (chunks, docs, version) = conn.execute(
-            f"SELECT (SELECT count(*) FROM {collection.chunk_table.as_string(conn)}), "
-            "(SELECT count(*) FROM longembed.documents WHERE collection_id = %s), "
-            "current_setting('server_version')",
+            sql.SQL(
+                "SELECT (SELECT count(*) FROM {}), "
+                "(SELECT count(*) FROM longembed.documents WHERE collection_id = %s), "
+                "current_setting('server_version')"
+            ).format(collection.chunk_table),
             (collection.id,),
         ).fetchone()
     print(

@@ -451,7 +451,7 @@ class CollectionIndex:
                 labels, distances = found
                 first: dict[int, int] = {}  # document -> index of its best candidate (nearest first)
                 for i, label in enumerate(labels):
-                    first.setdefault(label >> ORDINAL_BITS, i)
+                    first.setdefault(key_of(label)[0], i)
                 chunks = {i: self.rows[labels[i]] for i in first.values()}
                 docs = {d: self.documents[d] for d in first}
             finally:
@@ -472,7 +472,7 @@ class CollectionIndex:
         for doc, i in ranked:
             external_id, metadata = docs[doc]
             start, end, snippet, truncated = chunks[i]
-            ordinal = labels[i] & ((1 << ORDINAL_BITS) - 1)
+            ordinal = key_of(labels[i])[1]
             meta = json.loads(metadata)
             score = float(scores[i])
             results.append(SearchResult(external_id, score, ordinal, start, end, snippet, meta, truncated))

@@ -196,12 +196,7 @@ def build_app(host: Host) -> Starlette:
                     return collection, None, None, None, search_in_db(collection, embedded[0])
                 if req.vector is not None:  # embedded elsewhere: no model; search in this same thread hop
                     return collection, None, None, None, search_in_db(collection, None)
-                served = host.model(collection.model_source)
-                _check_revision(collection, served)
-                dims = collection.dim if collection.dim != served.info.dim else None
-                served.check_dimensions(dims)
-                return collection, served, served.plan([req.query], "query", collection.query_prefix,
-                                                       "truncate"), dims, None  # fmt: skip
+                return collection, *_query_plan(host, collection, req.query), None
 
             collection, served, plan, dims, found = await run_in_threadpool(prepare)
             if found is None:
@@ -274,20 +269,19 @@ async def _embed_query(host: Host, collection: Collection, req: SearchRequest) -
             raise invalid(str(exc)) from None
     if not host.is_served(collection.model_source):
         return None
-    served = host.model(collection.model_source)
-    _check_revision(collection, served)
-    dims = collection.dim if collection.dim != served.info.dim else None
-    served.check_dimensions(dims)
-    args = ([req.query], "query", collection.query_prefix, "truncate")
     if len(req.query) <= INLINE_CHARS:
-        plan = served.plan(*args)
+        served, plan, dims = _query_plan(host, collection, req.query)
     else:
-        plan = await run_in_threadpool(served.plan, *args)
+        served, plan, dims = await run_in_threadpool(_query_plan, host, collection, req.query)
     embedded = served.finish(plan, await _compute(served, plan), "truncate", dims)
     return embedded.vectors[0], served.info.name, embedded.n_tokens[0]
 
 
-def _check_revision(collection: Collection, served: Any) -> None:
+def _query_plan(host: Host, collection: Collection, query: str) -> tuple[Any, Any, int | None]:
+    """(served model, tokenised query, Matryoshka size or None) for a text query of `collection`: its
+    model (loaded when it is not yet), refused when the host serves other weights than it was embedded
+    with."""
+    served = host.model(collection.model_source)
     if served.info.revision != collection.model_revision:
         raise ApiError(
             409,
@@ -296,6 +290,9 @@ def _check_revision(collection: Collection, served: Any) -> None:
             f"{served.info.revision}: serve those weights, or embed into a new collection",
             code="revision_mismatch",
         )
+    dims = collection.dim if collection.dim != served.info.dim else None
+    served.check_dimensions(dims)
+    return served, served.plan([query], "query", collection.query_prefix, "truncate"), dims
 
 
 def _search_response(collection: Collection, model: str, results: list, index: str, tokens: int) -> Response:
