@@ -158,6 +158,21 @@ def test_key_required_and_malformed_json(host):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_collection_of_other_weights_is_refused_not_searched(host, dsn):
+    """A text query is embedded with the collection's model only if the host serves the revision the
+    collection was embedded with: other weights would rank by vectors of another space."""
+    model = get_model()
+    with connect(dsn) as conn:
+        create_collection(conn, "older", model, chunk_tokens=64, overlap=8)
+        conn.execute("UPDATE longembed.collections SET model_revision = 'older' WHERE name = 'older'")
+    r = _search(host, {"collection": "older", "query": "molten rock"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "revision_mismatch", r.text
+    assert "revision older" in r.json()["error"]["message"]
+    # a vector needs no model: searched as given
+    vector = model.embed(["molten rock"], kind="query")[0].tolist()
+    assert _search(host, {"collection": "older", "vector": vector}).status_code == 200
+
+
 def test_a_host_without_database_says_so():
     with running_host(HostConfig()) as running:
         r = httpx.post(f"{running.url}/v1/search", json={"collection": "notes", "query": "q"})
