@@ -5,6 +5,8 @@ signal's own candidate pool (the SQL functions of migrations/functions/015_searc
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from longembed.plugin.cli.data import _await_auto_choice
 from longembed.plugin.db import connect, register_vector_if_installed
 from longembed.plugin.migrate import migrate
 from longembed.plugin.models import get_model
@@ -329,6 +332,31 @@ def test_auto_is_the_default_and_stores_what_it_chose(conn, model, corpus):
     auto = search(conn, "modes", "Sicilian Defence", 3, model=model)
     hybrid = search(conn, "modes", "Sicilian Defence", 3, mode="hybrid", model=model)
     assert auto == hybrid
+
+
+def test_ingest_through_a_host_waits_for_autos_choice(dsn, model):
+    """`ingest` leaves embedding to the model host, whose worker makes auto's choice once the queue is
+    drained: the CLI waits for that choice (here made by another connection 1.5 s later) before it
+    returns, so its first search ranks as auto chose."""
+    with connect(dsn) as conn, connect(dsn) as other:
+        create_collection(conn, "await", model.info)
+        add_documents(conn, "await", [Document(k, v) for k, v in CORPUS.items()])
+        Worker(conn, model).drain()
+        conn.execute("UPDATE longembed.collections SET auto_fusion = NULL WHERE name = 'await'")
+        assert due(conn, get_collection(conn, "await"))
+
+        def choose_later() -> None:
+            time.sleep(1.5)
+            collection = get_collection(other, "await")
+            calibrate(other, collection, *embedders(model, collection))
+
+        chooser = threading.Thread(target=choose_later)
+        chooser.start()
+        t0 = time.monotonic()
+        _await_auto_choice(conn, get_collection(conn, "await"))
+        waited = time.monotonic() - t0
+        chooser.join()
+        assert waited >= 1.4 and get_collection(conn, "await").auto_fusion is not None
 
 
 def test_calibration_on_pseudo_queries_scores_every_candidate(conn, model):
