@@ -1,9 +1,11 @@
 """CPU encoding side by side: longembed (PyTorch and ONNX Runtime backends, fp32 and bf16), a plain ONNX
 Runtime export as a peer, and sentence-transformers; mixed-length texts, 8,192-token JinaBERT-shaped
-inputs, single short queries through the host's batcher, and concurrent clients.
+inputs, single short queries through the host's batcher, concurrent clients, and what one short
+query's time is made of (`floor`: the weights' read time, the matrix products alone, the runtimes'
+run alone, the leanest Python path around it).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_cpu_encode.py [--texts 400] [--repeats 3]
-        [--jina-tokens 8192] [--queries 310] [--only mixed|jina|queries|concurrent]
+        [--jina-tokens 8192] [--queries 310] [--only mixed|jina|queries|concurrent|floor]
 
 One process, one run; the systems take turns in every round (best of --repeats), so a change in the
 load of this shared machine hits all of them alike. tokens/s counts real tokens ([CLS], [SEP]
@@ -336,6 +338,135 @@ def queries(args, tmp: str) -> None:
     print(f"\n({load_average()} after)")
 
 
+def floor(args, tmp: str) -> None:
+    """One short query from the bottom up, on the host's query session (every core, spinning inside a
+    run): reading the encoder's weights once at the measured memory bandwidth (the bound for a
+    dozen rows: every weight is read once and used 12 times); ONNX Runtime running only our export's
+    Gemm nodes (same weights, same shapes); our whole export; the fused ONNX Runtime peer's graph;
+    the leanest Python around our run (the tokenizer's own encode, one run, numpy pooling); the host's
+    path (plan, batcher inline, finish). Best of three blocks of --queries runs each (see below)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from tokenizers import Tokenizer
+
+    from longembed.encoder import onnx_cpu
+    from longembed.plugin.service.batcher import INTERACTIVE, Batcher
+    from longembed.plugin.service.served import ServedModel
+
+    cores = onnx_cpu.usable_cores()
+    torch.set_num_threads(max(1, cores - 1))  # the host's setting: its query session gets every core
+    model = load("auto")
+    encoder = model._onnx
+    session = encoder.query_session
+    threads = session.get_session_options().intra_op_num_threads
+    ids = model.prepare([QUERY], "full", kind="query").sequences[0].ids
+    slots = np.arange(len(ids), dtype=np.int64)
+    feed = {
+        "input_ids": np.asarray(ids, dtype=np.int64),
+        "position_ids": slots,
+        "pad_index": slots[None, :],
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+        "unpad_index": slots,
+    }
+    feed = {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}}
+
+    exported = onnx.load(str(encoder.path))
+    weights = {i.name: numpy_helper.to_array(i) for i in exported.graph.initializer}
+    gemms = [n for n in exported.graph.node if n.op_type == "Gemm"]
+    nodes, inits, inputs = [], [], {}
+    for i, node in enumerate(gemms):
+        w, b = weights[node.input[1]], weights[node.input[2]]
+        transposed = any(a.name == "transB" and a.i for a in node.attribute)
+        k = w.shape[1] if transposed else w.shape[0]
+        inputs[k] = helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [len(ids), k])
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [f"x{k}", f"w{i}", f"b{i}"], [f"y{i}"], transB=int(transposed)))
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(gemms))]
+    graph = helper.make_graph(nodes, "gemms", list(inputs.values()), outputs, inits)
+    gemm_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_cpu.OPSET)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    gemm_session = ort.InferenceSession(
+        gemm_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    gemm_feed = {f"x{k}": np.random.default_rng(0).standard_normal((len(ids), k), np.float32) for k in inputs}
+    weight_bytes = sum(weights[n.input[1]].nbytes + weights[n.input[2]].nbytes for n in gemms)
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    buffer = torch.ones(weight_bytes // 4)
+    read_s = min(_timed(buffer.sum) for _ in range(50))
+    torch.set_num_threads(torch_threads)
+
+    tokenizer = Tokenizer.from_file(str(model._m.folder / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    assert tokenizer.encode(QUERY).ids == list(ids), "the tokenizer file disagrees with the model's tokens"
+
+    def lean() -> np.ndarray:
+        token_ids = np.asarray(tokenizer.encode(QUERY).ids, dtype=np.int64)
+        positions = np.arange(len(token_ids), dtype=np.int64)
+        one = {
+            "input_ids": token_ids,
+            "position_ids": positions,
+            "pad_index": positions[None, :],
+            "attention_mask": np.ones((1, len(token_ids)), dtype=np.int64),
+            "unpad_index": positions,
+        }
+        (hidden,) = session.run(None, {k: v for k, v in one.items() if k in feed})
+        mean = hidden.mean(axis=0)
+        return mean / np.linalg.norm(mean)
+
+    batcher = Batcher(
+        model.forward_batch,
+        model.info.dim,
+        forward_alone=functools.partial(model.forward_batch, spare_cores=True),  # as the host
+    )
+    served = ServedModel(model, batcher)
+
+    def host() -> None:
+        plan = served.plan([QUERY], "query", None, "truncate")
+        served.finish(plan, served.submit(plan, INTERACTIVE).result(), "truncate", None)
+
+    peer = OrtPeer(model._m.folder, threads, tmp, fused=True)
+    peer_feed = {"input_ids": feed["input_ids"][None, :], "attention_mask": np.ones((1, len(ids)), np.int64)}
+    systems = {
+        f"ONNX Runtime, our export's {len(gemms)} Gemm nodes alone": lambda: gemm_session.run(
+            None, gemm_feed
+        ),
+        "ONNX Runtime, our whole export (run alone)": lambda: session.run(None, feed),
+        "ONNX Runtime, the fused peer's graph (run alone)": lambda: peer.session.run(None, peer_feed),
+        "leanest Python path: tokenizers' encode + our run + numpy pooling": lean,
+        "host path: ServedModel.plan -> Batcher (inline) -> finish": host,
+    }
+    print(
+        f"\n## What one {QUERY!r} query ({len(ids)} tokens) costs, {threads} ONNX Runtime threads "
+        f"({load_average()} before)\n"
+    )
+    # In blocks, not interleaved: each system runs --queries times in a row (its weights stay in the
+    # caches, as for a stream of queries); three rounds of blocks, the best block's p50 kept.
+    p50s = dict.fromkeys(systems, float("inf"))
+    for _ in range(3):
+        for name, fn in systems.items():
+            for _ in range(20):
+                fn()
+            p50s[name] = min(p50s[name], float(np.median([_timed(fn) for _ in range(args.queries)])))
+    batcher.stop()
+    host_p50 = p50s["host path: ServedModel.plan -> Batcher (inline) -> finish"]
+    print("| step | p50 ms | share of the host path |")
+    print("|---|---|---|")
+    print(
+        f"| reading the {weight_bytes / 2**20:.1f} MiB of Gemm weights once ({threads} threads, "
+        f"{weight_bytes / read_s / 1e9:.0f} GB/s) | {read_s * 1000:.3f} | {read_s / host_p50:.0%} |"
+    )
+    for name, p50 in p50s.items():
+        print(f"| {name} | {p50 * 1000:.3f} | {p50 / host_p50:.0%} |")
+    print(f"\n({load_average()} after)")
+
+
 def concurrent(args) -> None:
     """Clients in threads, each sending one input at a time through the host's batcher, as the host
     runs (torch on one core less than the machine, OMP_WAIT_POLICY=PASSIVE): half the inputs the
@@ -399,7 +530,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jina-tokens", type=int, default=8192)
     parser.add_argument("--queries", type=int, default=310)
-    parser.add_argument("--only", choices=["mixed", "jina", "queries", "concurrent"], action="append")
+    parser.add_argument(
+        "--only", choices=["mixed", "jina", "queries", "concurrent", "floor"], action="append"
+    )
     args = parser.parse_args()
     import onnxruntime
     import sentence_transformers
@@ -423,6 +556,8 @@ def main() -> None:
             queries(args, tmp)
         if not args.only or "concurrent" in args.only:
             concurrent(args)
+        if not args.only or "floor" in args.only:
+            floor(args, tmp)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,19 @@ def test_minilm_on_onnx_runtime_matches_sentence_transformers(minilm, minilm_tor
     assert np.abs(alone - ours[:20]).max() < 1e-5
 
 
+def test_single_queries_of_one_length_share_index_arrays_not_tokens(minilm):
+    """A lone sequence's index arrays are kept per length (OnnxEncoder._single_feed): two queries of
+    the same length, each run twice in turn, keep their own vectors, equal to the padded batch's."""
+    texts = ["how do I reset my password", "where do I find the station"]
+    sequences = [minilm.prepare([t], "full", kind="query").sequences for t in texts]
+    assert len(sequences[0][0].ids) == len(sequences[1][0].ids)
+    alone = [minilm._onnx.forward(s) for _ in range(2) for s in sequences]
+    together = minilm._onnx.forward(sequences[0] + sequences[1])  # the general (padded) feed
+    assert np.array_equal(alone[0], alone[2]) and np.array_equal(alone[1], alone[3])
+    assert np.abs(np.concatenate(alone[:2]) - together).max() < 1e-5
+    assert float((alone[0] * alone[1]).sum()) < 0.9  # different texts, different vectors
+
+
 def test_late_chunk_spans_pool_the_same_rows(minilm, minilm_torch):
     docs = [varied_texts(40)[7] * 6, "short one"]
     a = minilm.embed_chunks(docs, mode="late", chunk_tokens=40, overlap=8, batch_tokens=256)

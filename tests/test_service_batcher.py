@@ -245,6 +245,30 @@ def test_a_small_query_on_an_idle_model_runs_in_the_callers_thread_with_the_same
     assert np.abs(fast - model.embed(queries, kind="query")).max() < 1e-6
 
 
+def test_work_that_queued_behind_an_inline_query_runs_when_it_ends(model):
+    """A caller running the model inline holds it; what arrives meanwhile queues, and the batcher
+    thread (asleep while the caller runs) is woken when the inline run ends."""
+    gated = Gated(model)
+    batcher = Batcher(model.forward_batch, model.info.dim, forward_alone=gated)
+    try:
+        inline_result = []
+        caller = threading.Thread(
+            target=lambda: inline_result.append(submit(batcher, model, ["a short query"]).result(30))
+        )
+        caller.start()
+        assert gated.entered.wait(10)  # the caller's thread is inside the model
+        queued = submit(batcher, model, ["another short query"])
+        time.sleep(0.05)
+        assert not queued.done()
+        gated.gate.set()
+        caller.join(30)
+        assert np.abs(queued.result(10) - model.embed(["another short query"])).max() < 1e-6
+        assert np.abs(inline_result[0] - model.embed(["a short query"])).max() < 1e-6
+    finally:
+        batcher.stop()
+    assert len(gated.batches) == 1  # the queued one ran on the batcher thread's forward
+
+
 def test_a_small_query_waits_its_turn_while_the_model_is_busy(model):
     gated = Gated(model)
     batcher = Batcher(gated, model.info.dim)
