@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.bench_encoder_cpu import flops_per_token, mixed_length_texts  # noqa: E402
 from longembed.encoder import load_model  # noqa: E402
+from longembed.plugin.cli import serve  # noqa: E402
 
 warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes
 
@@ -534,6 +535,7 @@ def main() -> None:
         "--only", choices=["mixed", "jina", "queries", "concurrent", "floor"], action="append"
     )
     args = parser.parse_args()
+    serve.prefer_huge_pages()  # as the host runs (GLIBC_TUNABLES=glibc.malloc.hugetlb=0 to compare)
     import onnxruntime
     import sentence_transformers
     import transformers
@@ -542,7 +544,8 @@ def main() -> None:
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), "
         f"onnxruntime {onnxruntime.__version__}, sentence-transformers {sentence_transformers.__version__}, "
-        f"transformers {transformers.__version__}; {load_average()}"
+        f"transformers {transformers.__version__}; {load_average()}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
     )
     peaks = matmul_peaks(threads)
     print("# matmul peaks (2048^3, GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))

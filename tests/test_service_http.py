@@ -20,6 +20,7 @@ import pytest
 
 from longembed.encoder import load_model
 from longembed.plugin.cli import main
+from longembed.plugin.cli.serve import huge_pages_environment
 from longembed.plugin.models import get_model
 from longembed.plugin.service.host import HostConfig
 from longembed.plugin.service.server import BindRefused, bind_tcp, check_bind
@@ -364,6 +365,29 @@ def test_binding_beyond_loopback_needs_keys(capsys):
     assert "nothing to listen on" in capsys.readouterr().err
     assert main(["serve", "--max-wait-ms", "-1"]) == 2
     assert "batching window" in capsys.readouterr().err
+
+
+def test_the_host_asks_glibc_for_huge_pages_unless_told_otherwise():
+    """`longembed serve` re-executes itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (the real
+    re-execution: test_serve_subprocess_on_a_unix_socket); here which environments it leaves alone."""
+    env = {"PATH": "/usr/bin"}
+    thp = "always [madvise] never\n"
+    assert huge_pages_environment(env, "glibc 2.36", thp) == {
+        **env,
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+    }
+    other = {**env, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}  # the user's other tunables are kept
+    assert huge_pages_environment(other, "glibc 2.41", "[always] madvise never")["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    )
+    for user_choice in ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=1", "a=1:glibc.malloc.hugetlb=2"):
+        assert huge_pages_environment({"GLIBC_TUNABLES": user_choice}, "glibc 2.36", thp) is None
+    assert huge_pages_environment(env, "glibc 2.34", thp) is None  # no such tunable before 2.35
+    assert huge_pages_environment(env, "glibc 2.36", "always madvise [never]") is None
+    assert huge_pages_environment(env, "glibc 2.36", "") is None
+    for libc in ("", "musl 1.2", "glibc", "glibc x.y"):
+        assert huge_pages_environment(env, libc, thp) is None
+    assert env == {"PATH": "/usr/bin"}  # never changed in place
 
 
 def test_tcp_listener_sets_nodelay():

@@ -11,12 +11,14 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from psycopg import sql
 
+from longembed.plugin.cli import serve
 from longembed.plugin.db import connect
 from longembed.plugin.models import get_model
 from longembed.plugin.service.host import HostConfig
@@ -105,6 +107,16 @@ def test_serve_subprocess_on_a_unix_socket(tmp_path):
                     pass
                 time.sleep(0.2)
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+            # It re-executed itself (same pid) with glibc's huge-page tunable where this machine has it.
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+            expected = serve.huge_pages_environment(
+                os.environ, os.confstr("CS_GNU_LIBC_VERSION"), serve.THP_SETTING.read_text()
+            )
+            if expected is not None:
+                assert f"GLIBC_TUNABLES={expected['GLIBC_TUNABLES']}".encode() in environ
+                rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text()
+                huge_kb = int(rollup.split("AnonHugePages:")[1].split()[0])
+                assert huge_kb >= 40 * 1024, rollup  # the weights, at least, in huge pages
             r = http.post("/v1/embeddings", json={"input": ["from another process"]})
             assert r.status_code == 200, r.text
             got = np.asarray(r.json()["data"][0]["embedding"])

@@ -28,4 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "serve":  # this process is the model host: not a caller's
+        serve.prefer_huge_pages()
     return errors.run_command(args)
