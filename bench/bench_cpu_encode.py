@@ -465,6 +465,12 @@ def floor(args, tmp: str) -> None:
     )
     for name, p50 in p50s.items():
         print(f"| {name} | {p50 * 1000:.3f} | {p50 / host_p50:.0%} |")
+    rollup = Path("/proc/self/smaps_rollup")
+    if rollup.exists():  # Linux: how much of this process sits in transparent huge pages
+        huge = next(
+            (line.split()[1] for line in rollup.read_text().splitlines() if line.startswith("AnonHuge")), "0"
+        )
+        print(f"\nAnonHugePages of this process: {int(huge) / 1024:.0f} MiB")
     print(f"\n({load_average()} after)")
 
 
