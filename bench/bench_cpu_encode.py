@@ -343,7 +343,8 @@ def floor(args, tmp: str) -> None:
     """One short query from the bottom up, on the host's query session (every core, spinning inside a
     run): reading the encoder's weights once at the measured memory bandwidth (the bound for a
     dozen rows: every weight is read once and used 12 times); ONNX Runtime running only our export's
-    Gemm nodes (same weights, same shapes); our whole export; the fused ONNX Runtime peer's graph;
+    matrix products (its Gemm nodes and the q, k, v projections inside its Attention nodes, as Gemm
+    nodes: same weights, same shapes); our whole export; the fused ONNX Runtime peer's graph;
     the leanest Python around our run (the tokenizer's own encode, one run, numpy pooling); the host's
     path (plan, batcher inline, finish). Best of three blocks of --queries runs each (see below)."""
     import onnx
@@ -374,11 +375,11 @@ def floor(args, tmp: str) -> None:
 
     exported = onnx.load(str(encoder.path))
     weights = {i.name: numpy_helper.to_array(i) for i in exported.graph.initializer}
-    gemms = [n for n in exported.graph.node if n.op_type == "Gemm"]
+    gemms = [n for n in exported.graph.node if n.op_type in ("Gemm", "Attention")]
     nodes, inits, inputs = [], [], {}
     for i, node in enumerate(gemms):
         w, b = weights[node.input[1]], weights[node.input[2]]
-        transposed = any(a.name == "transB" and a.i for a in node.attribute)
+        transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         k = w.shape[1] if transposed else w.shape[0]
         inputs[k] = helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [len(ids), k])
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
@@ -435,8 +436,8 @@ def floor(args, tmp: str) -> None:
     peer = OrtPeer(model._m.folder, threads, tmp, fused=True)
     peer_feed = {"input_ids": feed["input_ids"][None, :], "attention_mask": np.ones((1, len(ids)), np.int64)}
     systems = {
-        f"ONNX Runtime, our export's {len(gemms)} Gemm nodes alone": lambda: gemm_session.run(
-            None, gemm_feed
+        f"ONNX Runtime, our export's {len(gemms)} matrix products alone (as Gemm nodes)": lambda: (
+            gemm_session.run(None, gemm_feed)
         ),
         "ONNX Runtime, our whole export (run alone)": lambda: session.run(None, feed),
         "ONNX Runtime, the fused peer's graph (run alone)": lambda: peer.session.run(None, peer_feed),
@@ -460,7 +461,7 @@ def floor(args, tmp: str) -> None:
     print("| step | p50 ms | share of the host path |")
     print("|---|---|---|")
     print(
-        f"| reading the {weight_bytes / 2**20:.1f} MiB of Gemm weights once ({threads} threads, "
+        f"| reading the {weight_bytes / 2**20:.1f} MiB of projection weights once ({threads} threads, "
         f"{weight_bytes / read_s / 1e9:.0f} GB/s) | {read_s * 1000:.3f} | {read_s / host_p50:.0%} |"
     )
     for name, p50 in p50s.items():

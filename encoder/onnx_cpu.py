@@ -1,11 +1,12 @@
 """ONNX Runtime as the fp32 CPU backend of BERT and JinaBERT: exported at load time, cached, checked.
 
 Why: a session run costs far less per call than torch's op dispatch, which is most of what a short
-query pays for (3.0 vs ~8 ms for 12 tokens, bench/RESULTS.md). The PyTorch modules (bert.py,
+query pays for (1.6 vs ~8 ms for 12 tokens, bench/RESULTS.md). The PyTorch modules (bert.py,
 jina_bert.py) stay the readable
 reference: the graph is traced from them, through `PackedEncoder`, which reuses their weights and
-sub-modules: packed tokens for the projections and MLPs (no FLOP on padding), a padded (batch, seq)
-layout for attention only, exported as ONNX Runtime's fused MultiHeadAttention (com.microsoft) node.
+sub-modules: packed tokens for the output projections and MLPs (no FLOP on padding), a padded
+(batch, seq) layout for attention and its q, k, v projection, exported as ONNX Runtime's fused
+Attention (com.microsoft) node.
 
 - Export once per model revision and exporter/runtime versions; the file goes beside the model
   (`<folder>/longembed-onnx/`) or, when that folder is read-only, under the cache directory
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnx", "torch")
 ARCHITECTURES = ("bert", "jina_bert")
-EXPORT_FORMAT = 3  # bump when PackedEncoder's graph changes: cached files of older formats are ignored
+EXPORT_FORMAT = 4  # bump when PackedEncoder's graph changes: cached files of older formats are ignored
 OPSET = 17
 MAX_SEQ_TOKENS = 1024  # longest sequence the load-time check and the graph are meant for
 # Batches up to this many tokens run on ONNX Runtime (a query: ~3x faster than torch's op dispatch),
@@ -95,9 +96,10 @@ def min_cosine() -> float:
 
 class PackedEncoder(nn.Module):
     """The model's forward for export: the same sub-modules and weights as the packed forward, with the
-    tokens packed (no padding) for the embeddings, projections and MLPs, and gathered into a padded
-    (batch, seq) layout for attention only (ONNX has no varlen attention on CPU); ALiBi (JinaBERT)
-    is built inside the graph from the padded length.
+    tokens packed (no padding) for the embeddings, output projections and MLPs, and gathered into a
+    padded (batch, seq) layout for attention and its q, k, v projection (ONNX has no varlen attention
+    on CPU; groups of similar lengths keep the padding small); ALiBi (JinaBERT) is built inside the
+    graph from the padded length.
 
     Inputs: input_ids, position_ids (T,); pad_index (B, n): the packed row of each padded slot (any
     row for padding); attention_mask (B, n) 0/1; unpad_index (T,): the padded slot of each row.
@@ -133,47 +135,50 @@ class PackedEncoder(nn.Module):
         hidden = x.shape[-1]
         for layer in m.layers:
             att = layer.attention
-            q, k, v = att.qkv(x)[pad_index].split(hidden, dim=-1)  # 3 x (B, n, hidden)
-            ctx = MultiHeadAttention.apply(q, k, v, mask, alibi, att.heads).reshape(batch * n, hidden)
+            ctx = Attention.apply(x[pad_index], att.qkv.weight, att.qkv.bias, mask, alibi, att.heads)
+            ctx = ctx.reshape(batch * n, hidden)
             x = att.norm(att.dense(ctx[unpad_index]) + x)
             x = layer.mlp(x)
         return x
 
 
-class MultiHeadAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(head_dim) + bias) v on padded (B, n, hidden) q, k, v, with padding keys
-    masked and an optional additive (1, heads, n, n) bias (ALiBi). Exported as one com.microsoft
-    MultiHeadAttention node: ONNX Runtime's fused CPU kernel, which replaces about 15 small nodes per
-    layer (reshapes, transposes, two matmuls, softmax) and measured faster here (bench/RESULTS.md).
-    The forward below is what the trace runs; the load-time check compares the session against the
-    PyTorch model itself."""
+class Attention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(head_dim) + bias) v with q, k, v = x W^T + b (the layer's fused `qkv`), on
+    padded (B, n, hidden) x, with padding keys masked and an optional additive (1, heads, n, n) bias
+    (ALiBi). Exported as one com.microsoft Attention node: ONNX Runtime's fused CPU kernel projects
+    q, k and v straight into its per-head layout, in place of a Gemm, a Split and a MultiHeadAttention
+    node that copies each of them into that layout (a 12-token query: bench/RESULTS.md). The forward
+    below is what the trace runs; the load-time check compares the session against the PyTorch model
+    itself."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, alibi, heads: int):
-        batch, n, hidden = q.shape
+    def forward(ctx, x, weight, bias, mask, alibi, heads: int):
+        batch, n, hidden = x.shape
         head_dim = hidden // heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, n, heads, head_dim).transpose(1, 2)  # (B, heads, n, head_dim)
 
-        bias = (1.0 - mask.to(q.dtype))[:, None, None, :] * _MASKED
+        q, k, v = nn.functional.linear(x, weight, bias).split(hidden, dim=-1)
+        scores_bias = (1.0 - mask.to(x.dtype))[:, None, None, :] * _MASKED
         if alibi is not None:
-            bias = bias + alibi
-        scores = torch.matmul(split(q), split(k).transpose(-1, -2)) * head_dim**-0.5 + bias
+            scores_bias = scores_bias + alibi
+        scores = torch.matmul(split(q), split(k).transpose(-1, -2)) * head_dim**-0.5 + scores_bias
         out = torch.matmul(torch.softmax(scores, dim=-1), split(v))
         return out.transpose(1, 2).reshape(batch, n, hidden)
 
     @staticmethod
-    def symbolic(g, q, k, v, mask, alibi, heads: int):
+    def symbolic(g, x, weight, bias, mask, alibi, heads: int):
         from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor
 
-        # inputs: query, key, value, bias (none: the projection's bias is in its Gemm), key_padding_mask
-        # (B, n) int32, attention_bias
-        inputs = [q, k, v, _optional_input_placeholder_tensor(g), mask]
+        # inputs: input, weights (hidden, 3 hidden: q, k, v side by side; the Transpose of the
+        # initializer is folded at load), bias (3 hidden), mask_index (B, n) int32 1 = a real key,
+        # past (none), attention_bias
+        inputs = [x, g.op("Transpose", weight, perm_i=[1, 0]), bias, mask]
         if alibi is not None:
-            inputs.append(alibi)
-        out = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=heads)
-        out.setType(q.type())  # (B, n, hidden) like the query; the exporter infers no contrib op's type
+            inputs += [_optional_input_placeholder_tensor(g), alibi]
+        out = g.op("com.microsoft::Attention", *inputs, num_heads_i=heads)
+        out.setType(x.type())  # (B, n, hidden) like the input; the exporter infers no contrib op's type
         return out
 
 
