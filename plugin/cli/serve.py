@@ -14,8 +14,8 @@ from longembed.plugin.settings import settings
 
 # glibc's malloc asks the kernel for transparent huge pages when GLIBC_TUNABLES says this (glibc >= 2.35).
 # Every query reads the encoder's weights whole (ONNX Runtime's prepacked copies: 41 MiB for MiniLM), and
-# in 4 KiB pages that is ~10,000 TLB misses: with huge pages a lone query ran 0.07-0.17 ms (4-9 %)
-# faster (bench/RESULTS.md). glibc reads GLIBC_TUNABLES at process start only, hence the re-execution.
+# in 4 KiB pages that is ~10,000 TLB misses: with huge pages a lone query in the host took 0.11-0.13 ms
+# (6 %) less (bench/RESULTS.md). glibc reads GLIBC_TUNABLES at process start only, hence the re-execution.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
