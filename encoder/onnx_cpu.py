@@ -191,8 +191,11 @@ class OnnxEncoder:
     thread waits for a core and made queries 1.2-2.7x slower (bench/RESULTS.md). So it is used only
     when the caller says no other work of ours needs the cores (`spare_cores`: the host's batcher, for
     a query that found the model idle and nothing waiting lately), and then each small batch goes to
-    whichever session has been faster per token lately, one in PROBE_EVERY to the other, so that a
-    change in the machine's load (other processes) is noticed."""
+    whichever session has been faster per token lately. While that is `session` (the cores looked
+    busy), one batch in PROBE_EVERY goes to the query session, so that it is used again once the cores
+    are free. While it is the query session nothing probes the other: busy cores slow its second thread
+    first, and its own cost rising above `session`'s last one moves small batches over (a probe of the
+    one-thread session made every PROBE_EVERY-th lone query ~3 ms slower: a p99 of 5 ms)."""
 
     def __init__(self, session, path: Path, query_session=None) -> None:
         self.session = session
@@ -213,14 +216,15 @@ class OnnxEncoder:
         if session is not None or not small:
             return self._run(session or self.session, sequences)
         self._small_runs += 1
-        pick = int(self.small_cost[1] < self.small_cost[0])  # the faster; unmeasured (0) first
-        if self._small_runs % PROBE_EVERY == 0:
-            pick = 1 - pick
+        faster = int(self.small_cost[1] < self.small_cost[0])  # unmeasured (0) first
+        probe = faster == 1 and self._small_runs % PROBE_EVERY == 0  # as the class says
+        pick = 0 if probe else faster
         start = time.perf_counter()
         out = self._run((self.query_session, self.session)[pick], sequences)
         cost = (time.perf_counter() - start) / max(tokens, 1)
         old = self.small_cost[pick]
-        self.small_cost[pick] = cost if old == 0.0 else 0.8 * old + 0.2 * cost
+        # A probed session's cost dates from the load that made it slower: replaced, not averaged in.
+        self.small_cost[pick] = cost if old == 0.0 or probe else 0.8 * old + 0.2 * cost
         return out
 
     def _run(self, session, sequences: list[Sequence]) -> np.ndarray:

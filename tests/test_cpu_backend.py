@@ -160,9 +160,9 @@ def test_short_batches_run_on_a_query_session_with_more_threads(jina):
             got = encoder.forward(sequences, session=session)
             assert np.abs(got - reference[i]).max() <= 1e-5
     assert small == [True, True, True, False, True, False]
-    # With spare cores, a small batch goes to the session that has been faster per token, and one in
-    # PROBE_EVERY to the other; a larger one, or any without spare cores, to the bulk session.
-    # (small_cost: [query session, bulk session])
+    # With spare cores, a small batch goes to the session that has been faster per token; while that
+    # is the bulk session, one in PROBE_EVERY to the query session; a larger one, or any without spare
+    # cores, to the bulk session. (small_cost: [query session, bulk session])
     encoder.small_cost = [1.0, 0.5]  # the query session looked slower (busy cores)
     encoder._small_runs = 0
     for run in range(1, onnx_cpu.PROBE_EVERY + 1):
@@ -170,7 +170,17 @@ def test_short_batches_run_on_a_query_session_with_more_threads(jina):
         encoder.forward(query, spare_cores=True)
         changed = [a != b for a, b in zip(before, encoder.small_cost, strict=True)]
         assert changed == ([True, False] if run == onnx_cpu.PROBE_EVERY else [False, True]), run
+        if run == onnx_cpu.PROBE_EVERY:  # the probe's cost replaces the stale one (seconds per token)
+            assert encoder.small_cost[0] < 0.01
         encoder.small_cost[0] = 1.0  # keep the probed one looking slow
+    encoder.small_cost = [0.5, 1.0]  # the query session faster: the one-thread session is not probed
+    for run in range(2 * onnx_cpu.PROBE_EVERY):
+        before = list(encoder.small_cost)
+        encoder.forward(query, spare_cores=True)
+        assert encoder.small_cost[0] != before[0] and encoder.small_cost[1] == 1.0, run
+    encoder.small_cost[0] = 2.0  # until its own cost rises above the other's last one
+    encoder.forward(query, spare_cores=True)
+    assert encoder.small_cost[0] == 2.0 and encoder.small_cost[1] != 1.0
     before = list(encoder.small_cost)
     encoder.forward(model.prepare([TEXTS[-1]], "full").sequences, spare_cores=True)
     encoder.forward(query)  # the caller did not say the other cores are free
