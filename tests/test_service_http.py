@@ -390,6 +390,33 @@ def test_the_host_asks_glibc_for_huge_pages_unless_told_otherwise():
     assert env == {"PATH": "/usr/bin"}  # never changed in place
 
 
+def test_a_failed_re_execution_leaves_the_host_running_without_huge_pages(tmp_path):
+    import subprocess
+    import sys
+
+    from longembed.plugin.cli import serve
+
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if (
+        serve.huge_pages_environment(env, os.confstr("CS_GNU_LIBC_VERSION"), serve.THP_SETTING.read_text())
+        is None
+    ):
+        pytest.skip("this machine would not re-execute (no glibc >= 2.35 or transparent huge pages off)")
+    script = (
+        "import sys; sys.executable = sys.argv[1]\n"
+        "from longembed.plugin.cli import serve\n"
+        "serve.prefer_huge_pages()\n"
+        "print('went on')\n"
+    )
+    missing = str(tmp_path / "no-such-python")
+    done = subprocess.run([sys.executable, "-c", script, missing], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "went on\n", done
+    assert (
+        f"not restarted with glibc.malloc.hugetlb=1: [Errno 2] No such file or directory: '{missing}'"
+        in done.stderr
+    )
+
+
 def test_tcp_listener_sets_nodelay():
     """Without TCP_NODELAY on accepted sockets every keep-alive answer waited ~40 ms (Nagle against
     delayed ACKs); asyncio sets it only on sockets created with proto IPPROTO_TCP."""

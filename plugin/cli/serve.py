@@ -51,10 +51,14 @@ def prefer_huge_pages() -> None:
     except (AttributeError, ValueError, OSError):  # no confstr (not POSIX), no such name, no sysfs
         return
     environment = huge_pages_environment(os.environ, libc, thp)
-    if environment is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if environment is None or not sys.executable:  # an embedded interpreter has no executable to run
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
         os.execve(sys.executable, sys.orig_argv, environment)
+    except OSError as exc:  # then without huge pages: slower queries, nothing else changes
+        print(f"longembed serve: not restarted with {HUGE_PAGES_TUNABLE}: {exc}", file=sys.stderr)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
