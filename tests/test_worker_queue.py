@@ -173,7 +173,21 @@ def test_two_worker_processes_share_one_queue_without_duplicates(conn, dsn, mode
             return len(started) == 2
 
         wait_for(both_started, 120, "two workers to start")
-        add_documents(conn, collection, short_docs("p", 80))
+        # Each polls an empty queue once a second, so the first awake could embed all 80 before the
+        # other looks. The chunk table locked against writes holds the first at its first write until
+        # the other has claimed a batch too; then both run as they like.
+        with connect(dsn) as blocker, blocker.transaction():
+            blocker.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(collection.chunk_table))
+            add_documents(conn, collection, short_docs("p", 80))
+
+            def two_batches_claimed() -> bool:
+                (leases,) = conn.execute(
+                    "SELECT count(DISTINCT lease_token) FROM longembed.queue WHERE lease_token IS NOT NULL"
+                ).fetchone()
+                return leases == 2
+
+            wait_for(two_batches_claimed, 60, "both workers to claim a batch")
+            assert counts(conn, collection.id)[0] == 0  # the lock held every write so far
         wait_for(lambda: counts(conn, collection.id)[0] == 80, 180, "all documents embedded")
         workers.send_signal(signal.SIGTERM)  # graceful: children finish their batch and exit 0
         _, err = workers.communicate(timeout=60)
