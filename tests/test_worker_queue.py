@@ -393,3 +393,42 @@ def test_leases_are_renewed_while_a_slow_batch_embeds(conn, dsn, model):
     assert stolen == []
     assert (done[0].embedded, done[0].dropped) == (3, 0)
     assert_all_embedded_once(conn, collection, 3)
+
+
+def test_an_idle_worker_is_woken_by_queued_documents(conn, dsn, model):
+    """LISTEN/NOTIFY: with a 30 s poll, documents queued while the worker idles are embedded at once,
+    and a stop ends the wait within a fraction of a second."""
+    collection = create_collection(conn, "woken", model.info)
+    stop = threading.Event()
+
+    def work() -> None:
+        with connect(dsn) as own, queue.Wakeup(dsn) as wakeup:
+            Worker(own, model, WorkerConfig(poll_interval=30), ["woken"]).run(stop, wakeup=wakeup)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        time.sleep(1.0)  # found nothing, now waiting
+        queued_at = time.monotonic()
+        add_documents(conn, collection, short_docs("w", 3))
+        wait_for(lambda: counts(conn, collection.id)[0] == 3, 25, "the documents embedded before the poll")
+        assert time.monotonic() - queued_at < 10
+        time.sleep(0.5)  # idle again
+    finally:
+        stopped_at = time.monotonic()
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - stopped_at < 2
+
+
+def test_a_wakeup_without_its_connection_is_a_plain_wait(caplog):
+    with queue.Wakeup("postgresql://nobody@127.0.0.1:1/none") as wakeup:
+        assert "polling only" in caplog.text
+        stop = threading.Event()
+        started = time.monotonic()
+        wakeup.wait(stop, 0.3)
+        assert 0.25 < time.monotonic() - started < 2
+        stop.set()
+        started = time.monotonic()
+        wakeup.wait(stop, 30)
+        assert time.monotonic() - started < 0.1

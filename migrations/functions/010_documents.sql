@@ -68,6 +68,8 @@ BEGIN
     ON CONFLICT (document_id) DO UPDATE SET
         enqueued_at = now(), next_attempt_at = now(), leased_until = NULL, lease_token = NULL,
         attempts = 0, last_error = NULL;
+    -- Idle workers LISTEN (plugin/pipeline/queue.py Wakeup): told at commit, once per collection.
+    PERFORM pg_notify('longembed_queue', p_collection_id::text);
     RETURN v_result;
 END;
 $$;

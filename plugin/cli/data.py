@@ -692,6 +692,7 @@ def _worker_process(
     comes back to the queue when its lease runs out.
     """
     from longembed.plugin.models import forget_model, get_model
+    from longembed.plugin.pipeline import queue
     from longembed.plugin.pipeline.worker import EveryModel, Worker, WorkerStats
 
     logging.basicConfig(level=logging.INFO, format=f"worker {os.getpid()}: %(message)s")
@@ -708,7 +709,10 @@ def _worker_process(
     delay, connected = 1.0, False
     while not stop.is_set():
         try:
-            with db.connect(dsn, application_name="longembed worker") as conn:
+            with (
+                db.connect(dsn, application_name="longembed worker") as conn,
+                queue.Wakeup(dsn) as wakeup,  # idle, woken when documents are queued
+            ):
                 db.require_vector(conn)
                 if every is not None:
                     every.conn = conn  # models stay loaded across reconnects
@@ -722,7 +726,7 @@ def _worker_process(
                 if once:
                     worker.drain(stop, total)
                     break
-                worker.run(stop, total)
+                worker.run(stop, total, wakeup)
         except psycopg.OperationalError as exc:
             if not connected:  # wrong DSN or password, server down at start: say so, do not spin
                 raise

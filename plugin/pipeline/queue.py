@@ -17,6 +17,9 @@ a heartbeat): a crash strands only the batch being embedded, and a slow batch is
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +30,13 @@ import psycopg
 from psycopg import sql
 
 from longembed.plugin.store.collections import Collection
+
+log = logging.getLogger(__name__)
+
+# upsert_document notifies this channel (payload: the collection id) for every document it queues;
+# PostgreSQL delivers it when that transaction commits, once per channel and payload.
+CHANNEL = "longembed_queue"
+STOP_CHECK_S = 0.1  # how often a waiting Wakeup looks at its stop event
 
 
 @dataclass(frozen=True)
@@ -246,3 +256,46 @@ def record_failures(
             ).fetchall()
         ]
     return retrying, parked
+
+
+class Wakeup:
+    """An idle worker's wait that ends as soon as documents are queued: LISTEN on CHANNEL on a
+    connection of its own, so embedding starts at once instead of at the next poll (up to a second
+    later for a document added through SQL or `longembed ingest` with the worker in another process).
+    The poll stays the longest wait: a retry whose back-off has ended is announced by nobody. Where the
+    connection cannot be made or breaks (a pooler that does not keep sessions also never delivers a
+    notification), it is a plain wait."""
+
+    def __init__(self, dsn: str) -> None:
+        self._conn: psycopg.Connection | None = None
+        try:
+            self._conn = psycopg.connect(dsn, autocommit=True, application_name="longembed worker wake-up")
+            self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+        except psycopg.Error as exc:
+            log.warning("not woken by queued documents, polling only (%s)", str(exc).strip())
+            self.close()
+
+    def wait(self, stop: threading.Event, timeout: float) -> None:
+        """Until a notification, `stop` (looked at every STOP_CHECK_S) or `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if self._conn is None:
+                stop.wait(left)
+                return
+            try:
+                for _ in self._conn.notifies(timeout=min(left, STOP_CHECK_S), stop_after=1):
+                    return
+            except psycopg.Error as exc:
+                log.warning("the wake-up connection failed, polling only (%s)", str(exc).strip())
+                self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Wakeup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -343,15 +343,25 @@ class Worker:
             total.add(stats)
         return total
 
-    def run(self, stop: threading.Event, total: WorkerStats | None = None) -> WorkerStats:
-        """Process batches until `stop` is set; the batch in progress is finished and written first."""
+    def run(
+        self, stop: threading.Event, total: WorkerStats | None = None, wakeup: queue.Wakeup | None = None
+    ) -> WorkerStats:
+        """Process batches until `stop` is set; the batch in progress is finished and written first.
+        Idle, it waits for `wakeup` (documents queued) or the poll interval."""
         total = WorkerStats() if total is None else total
         while not stop.is_set():
             stats = self.run_once()
             total.add(stats)
             if stats.batches == 0:
-                stop.wait(self.config.poll_interval)
+                _idle(stop, self.config.poll_interval, wakeup)
         return total
+
+
+def _idle(stop: threading.Event, poll: float, wakeup: queue.Wakeup | None) -> None:
+    if wakeup is None:
+        stop.wait(poll)
+    else:
+        wakeup.wait(stop, poll)
 
 
 def embedders(model: Any, collection: Collection) -> tuple[calibrate.Embed, calibrate.Embed]:
@@ -463,9 +473,15 @@ class EveryModel:
                 break
         return total
 
-    def run(self, stop: threading.Event, total: WorkerStats | None = None, poll: float = 1.0) -> WorkerStats:
+    def run(
+        self,
+        stop: threading.Event,
+        total: WorkerStats | None = None,
+        wakeup: queue.Wakeup | None = None,
+        poll: float = 1.0,
+    ) -> WorkerStats:
         total = WorkerStats() if total is None else total
         while not stop.is_set():
             self.drain(stop, total)
-            stop.wait(poll)
+            _idle(stop, poll, wakeup)
         return total

@@ -270,13 +270,17 @@ class Host:
     def _work(self, served: ServedModel) -> None:
         """Run a Worker over the batcher at ingestion priority until stop; reconnect when the database
         goes away (the queue's leases bring back whatever a broken batch held)."""
+        from longembed.plugin.pipeline.queue import Wakeup
         from longembed.plugin.pipeline.worker import Worker
 
         model = BatchedModel(served)
         while not self._stop.is_set():
             try:
-                with connect(self.config.dsn, application_name="longembed host worker") as conn:
-                    Worker(conn, model).run(self._stop)
+                with (
+                    connect(self.config.dsn, application_name="longembed host worker") as conn,
+                    Wakeup(self.config.dsn) as wakeup,
+                ):
+                    Worker(conn, model).run(self._stop, wakeup=wakeup)
             except Exception as exc:
                 log.warning("ingestion worker for %s stopped (%s); retrying", served.info.name, exc)
                 self._stop.wait(WORKER_RETRY_S)
