@@ -56,6 +56,11 @@ def _add_chunks(conn, collection, doc: int, text_length: int, rng: random.Random
         start = rng.randint(0, text_length)
         end = start + rng.randint(0, 700)  # past SNIPPET_CHARS, and past the text's end
         rows.append((doc, ordinal, start, end, rng.random() < 0.3, _vector(rng)))
+    _insert_chunks(conn, collection, rows)
+
+
+def _insert_chunks(conn, collection, rows: list[tuple]) -> None:
+    """rows: (document id, ordinal, char_start, char_end, truncated, embedding)."""
     with conn.cursor() as cur:
         cur.executemany(
             sql.SQL(
@@ -427,14 +432,7 @@ def test_many_chunks_of_few_documents_widen_the_candidates_as_sql_does(dsn, tmp_
                 (doc, o, 0, 5, False, (centre + away + 0.001 * _vector(rng)).astype(np.float32))
                 for o in range(60)
             ]
-            with conn.cursor() as cur:
-                cur.executemany(
-                    sql.SQL(
-                        "INSERT INTO {} (document_id, ordinal, char_start, char_end, n_tokens, truncated, "
-                        "embedding) VALUES (%s, %s, %s, %s, 1, %s, %s)"
-                    ).format(collection.chunk_table),
-                    rows,
-                )
+            _insert_chunks(conn, collection, rows)
         fast = FastPath(dsn, ("wide",), tmp_path)
         fast.start()
         try:
